@@ -36,7 +36,7 @@ uint8_t *tu_read_data(const char *rel, size_t *len)
 json_t *tu_load_json(const char *rel)
 {
     json_error_t err;
-    json_t *doc = json_load_file(tu_data_path(rel), 0, &err);
+    json_t *doc = json_load_file(tu_data_path(rel), JSON_ALLOW_NUL, &err);
     cr_assert_not_null(doc, "%s:%d: %s", rel, err.line, err.text);
     return doc;
 }

@@ -47,12 +47,25 @@ enum tc_side {
 
 struct tc_stream;
 
+/* A source of random bytes: draw() fills buf with n bytes and returns 0, or
+ * -1 on failure. A NULL draw means rand_bytes() (crypto/rand.h).
+ * Production code never sets one; tests inject one to replay the vectors'
+ * random draws. Shared by the frame encoder and the challenge. */
+struct tc_rng {
+    int (*draw)(void *ctx, void *buf, size_t n);
+    void *ctx;
+};
+
+/* Fill buf with n bytes from rng (NULL or a NULL draw: rand_bytes()). */
+int tc_rng_draw(const struct tc_rng *rng, void *buf, size_t n);
+
 /* "aes-cbc", "aes-gcm", "aes-gcm-siv" → kind. Returns -1 for any other
  * name (the caller decides: the gateway falls back to CBC, PROTOCOL.md 2.5). */
 int tc_kind_parse(const char *name, enum tc_kind *kind);
 const char *tc_kind_name(enum tc_kind kind);
 
-/* Whether the linked OpenSSL provides the cipher (probed once, at run time). */
+/* Whether the linked OpenSSL provides the cipher for 16-, 24- and 32-byte
+ * keys, probed at run time on every call (cheap; no cached global). */
 bool tc_available(enum tc_kind kind);
 
 /* New stream. key: 16, 24 or 32 bytes. iv: 16 bytes, used by aes-cbc only
@@ -82,5 +95,11 @@ int tc_seal_batch(struct tc_stream *s, const uint8_t *in, const uint32_t *lens,
  * (wire_n - overhead bytes). AEAD: verifies the tag and that the nonce is
  * the sender's prefix with the next counter (aes-gcm). */
 int tc_open(struct tc_stream *s, const uint8_t *in, size_t wire_n, uint8_t *out);
+
+/* Test hooks. tc_set_rng(): where aes-gcm-siv nonces come from (NULL:
+ * rand_bytes() again). tc_set_counter(): the next aes-gcm counter this stream
+ * seals with or expects, e.g. near 2^64-1 to test exhaustion. */
+void tc_set_rng(struct tc_stream *s, const struct tc_rng *rng);
+void tc_set_counter(struct tc_stream *s, uint64_t counter);
 
 #endif

@@ -12,7 +12,5 @@
         return 1;                                                        \
     }
 
-STUB(cmd_keygen, "keygen")
-STUB(cmd_token, "token")
 STUB(cmd_server, "server")
 STUB(cmd_client, "client")

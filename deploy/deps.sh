@@ -7,7 +7,7 @@ set -euo pipefail
 pkgs=(
   build-essential cmake pkg-config clang libclang-rt-dev
   libssl-dev openssl liburing-dev libjemalloc-dev liburcu-dev libjansson-dev
-  libcriterion-dev
+  libcriterion-dev libmicrohttpd-dev
   python3 python3-cryptography
   curl iproute2 procps
 )

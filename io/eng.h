@@ -1,0 +1,346 @@
+/* io/eng.h - the I/O engine: one completion-shaped event loop per shard.
+ *
+ * One interface, two engines: io_uring (liburing) and an epoll emulation.
+ * Both pass the same conformance suite (tests/unit/test_eng.c).
+ *
+ * ---- Model -----------------------------------------------------------------
+ * "Receive into / send from this, call me back" (h2o style), never "tell me
+ * when readable". The caller embeds a struct eng_op in its own object,
+ * initialises it once with eng_op_init(op, cb), and starts operations on it.
+ * Each started operation calls back exactly once with
+ *
+ *     op->cb(op, res)        res >= 0: success;  res < 0: -errno
+ *
+ * except eng_accept, which calls back once per accepted connection (and
+ * once per resource error such as EMFILE) with op->more == true while it
+ * stays armed, and a last time with op->more == false (after eng_cancel,
+ * or on a fatal error).
+ *
+ *  - EAGAIN and EINTR never reach a callback: the engine retries them.
+ *  - Callbacks run only from eng_run_once(), after the engine has polled.
+ *    Starting, cancelling or re-arming an operation never runs a callback,
+ *    even when it fails at once (bad fd, bad arguments): that result is
+ *    queued and delivered in the next turn. So submitting never re-enters
+ *    the caller.
+ *  - Inside a callback the op is idle again (except an armed accept) and may
+ *    be restarted, or its object torn down (see Ownership).
+ *  - The engine never allocates per operation. What grows with load is a
+ *    per-engine table indexed by fd and, on epoll, the list of fds to
+ *    register (both amortised, both kept).
+ *
+ * ---- Ownership (the rule every caller must keep) ----------------------------
+ *  - Buffers and iovec arrays passed to an operation are BORROWED until its
+ *    callback runs: keep them alive and unmodified until then.
+ *  - An object that embeds ops may be freed only after EVERY op it started
+ *    has called back. To tear down: eng_cancel() each op in flight, wait for
+ *    their callbacks (each runs exactly once, with -ECANCELED or with its
+ *    real result if it had already finished), then eng_close() the fd and
+ *    free the object, typically from an eng_defer() callback so that nothing
+ *    dispatched later in the same turn can still see it.
+ *  - Never close(2) an fd that has an op in flight (io_uring keeps using the
+ *    file; epoll would lose the op). Close fds with eng_close() (or hand
+ *    them to another shard with eng_detach()); both require that no op is
+ *    in flight on that fd (checked: abort on violation).
+ *  - Timers (struct timer, io/timer.h) and deferred calls (struct eng_defer)
+ *    are embedded too and borrowed while armed/queued.
+ *  - All functions are for the owner thread only, the one that runs
+ *    eng_run_once(). Other threads talk to it through io/mbox.h.
+ *
+ * ---- Operations and their rules ---------------------------------------------
+ *  - Sockets and fds must be O_NONBLOCK (io/sock.h makes them so).
+ *  - At most one read-side op (accept, recv, read) and one write-side op
+ *    (send, connect) in flight per fd. A second one fails with -EBUSY
+ *    (counted in eng_stats.busy): two sends in flight on one TCP socket
+ *    could be reordered, so the engine refuses rather than guesses. Queue
+ *    further frames in the caller until the send calls back.
+ *  - eng_send completes only when every byte of every iovec is written
+ *    (res = total) or on error; short writes are continued by the engine,
+ *    which advances the caller's iovec array IN PLACE (its contents are
+ *    undefined after the callback). Total must be 1..INT_MAX bytes.
+ *  - eng_send is for sockets (sendmsg, MSG_NOSIGNAL); eng_read for
+ *    anything read(2) takes (eventfd, pipe).
+ *  - Starting an op that is already in flight is a caller bug: abort().
+ *
+ * ---- Failure policy, per op (one table: eng.c policy[]) ---------------------
+ *   op        result                          engine                  caller
+ *   any       EAGAIN, EINTR                   retried, never reported  -
+ *   any       ECANCELED                       after eng_cancel         expected at teardown
+ *   any       EBADF, EINVAL (len 0, iovcnt<1,
+ *             total>INT_MAX), EBUSY (2nd op)  reported                 bug: close + log
+ *   accept    fd >= 0                         delivered, stays armed   owns the fd
+ *   accept    ECONNABORTED EPROTO EPERM
+ *             ENETDOWN ENETUNREACH EHOSTDOWN
+ *             EHOSTUNREACH ENONET ENOPROTOOPT
+ *             EOPNOTSUPP ETIMEDOUT            swallowed, counted
+ *                                             (accept_dropped), keeps
+ *                                             accepting (accept(2) NOTES)
+ *   accept    EMFILE ENFILE ENOBUFS ENOMEM    reported with more=true,
+ *                                             then the listener pauses
+ *                                             ENG_ACCEPT_PAUSE_MS and
+ *                                             retries: no spinning    log (rate-limited)
+ *   accept    anything else                   final (more=false)      close listener
+ *   recv/read 0                               EOF                      half-close
+ *   recv/send/connect other -errno            reported                 close the connection
+ *   (future)  ENOBUFS from a provided-buffer recv: re-arm when buffers return.
+ *
+ * ---- Engines ----------------------------------------------------------------
+ * eng_new(ENG_AUTO) tries io_uring, then epoll. io_uring is skipped when the
+ * environment variable SNITUN_IO_URING_DISABLE=1 is set (tests and operators
+ * use it to force the fallback), when /proc/sys/kernel/io_uring_disabled is
+ * 2, or when io_uring_setup fails (ENOSYS: old kernel or seccomp; EPERM:
+ * seccomp or io_uring_disabled=1 without privilege; EACCES...), or the kernel
+ * lacks an opcode or IORING_FEAT_FAST_POLL. eng_new() logs one line
+ * (core/log.h) "msg=\"io engine\" engine=epoll reason=\"...\"", at warn
+ * level when ENG_AUTO fell back, else info; eng_reason()/eng_describe()
+ * give the same text to callers.
+ *
+ * io_uring: flags SINGLE_ISSUER|DEFER_TASKRUN|COOP_TASKRUN|SUBMIT_ALL, fewer
+ * on EINVAL (older kernels). The ring is created disabled and enabled by the
+ * first eng_run_once(), so the thread that runs the loop, not the one that
+ * created the engine, becomes its single issuer. One io_uring_enter per
+ * turn submits everything started in the previous turn and waits (timers
+ * via the wait timeout); CQEs are reaped as a batch. Accept is multishot
+ * (single-shot fallback on old kernels); the peer address comes from
+ * getpeername(). Short sends are resubmitted. eng_read relies on the
+ * kernel polling a pollable O_NONBLOCK fd instead of failing with EAGAIN
+ * (true on the 6.x kernels that pass the setup flags above; on older ones
+ * such a read would be retried every turn).
+ *   Not yet: provided buffer rings + multishot recv for many idle
+ *   connections. They would fit as an eng_recv variant taking a buffer
+ *   group instead of a buffer: the callback receives a buffer id (and the
+ *   "more" flag), the buffer travels with the data to the send that
+ *   forwards it and goes back to the ring when that send calls back; an
+ *   empty ring yields ENOBUFS, handled per the table above. epoll would
+ *   emulate it by picking a pool buffer after readiness.
+ *   Not yet: eng_splice (socket->pipe->socket, IORING_OP_SPLICE; epoll:
+ *   splice(SPLICE_F_NONBLOCK) parked on the socket side). It would take the
+ *   read slot of the source socket or the write slot of the destination.
+ *
+ * epoll: emulates completions. Started ops go on a pending list; each turn,
+ * after epoll_wait, every pending op tries its syscall once (optimistic: a
+ * recv often finds data already there). On EAGAIN the op parks on its fd,
+ * and fds parked for the first time are registered in one pass before the
+ * next epoll_wait. Edge-triggered (EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET),
+ * registered once per fd lifetime and never modified: an edge re-queues
+ * the parked ops of that fd, which retry. Because every op tries first
+ * and parks only on EAGAIN, an edge is never lost; an idle direction costs
+ * at most a spurious wakeup, never a syscall. eng_close() forgets the fd.
+ *
+ * ---- Loop turn --------------------------------------------------------------
+ * eng_run_once: submit/attempt what was started -> poll (at most `timeout`,
+ * less if a timer is due, zero if work is queued) -> completion callbacks
+ * -> expired timers (deadline order, FIFO on ties) -> deferred calls (FIFO;
+ * a defer queued by a defer callback runs in the same turn).
+ */
+#ifndef IO_ENG_H
+#define IO_ENG_H
+
+#include <netinet/in.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <urcu/list.h>
+
+#include "core/addr.h"
+#include "io/timer.h"
+
+/* How long a listener rests after EMFILE/ENFILE/ENOBUFS/ENOMEM. */
+#define ENG_ACCEPT_PAUSE_MS 100
+/* Connections accepted per listener per turn by the epoll engine. */
+#define ENG_ACCEPT_BATCH 64
+
+enum eng_kind {
+    ENG_AUTO = 0, /* io_uring if the kernel lets us, else epoll */
+    ENG_URING,
+    ENG_EPOLL,
+};
+
+struct eng;
+struct eng_op;
+
+typedef void eng_cb(struct eng_op *op, int res);
+
+/* The embedded operation. Public fields: cb (set by eng_op_init) and
+ * more (read it in an accept callback); the rest is the engine's. */
+struct eng_op {
+    eng_cb *cb;
+    bool more; /* accept: true while the op stays armed */
+    /* private */
+    uint8_t code;  /* enum eng_opcode (eng_impl.h) */
+    uint8_t state; /* enum eng_opstate */
+    uint8_t flags;
+    int fd;
+    int res;
+    struct eng *eng;
+    struct cds_list_head link;
+    union {
+        struct {
+            void *buf;
+            size_t len;
+        } rd; /* recv, read */
+        struct {
+            struct iovec *iov;
+            int iovcnt;
+            size_t left, total;
+            struct msghdr msg; /* io_uring sendmsg */
+        } wr; /* send */
+        struct {
+            union {
+                struct sockaddr sa;
+                struct sockaddr_in in;
+                struct sockaddr_in6 in6;
+            } to;
+            socklen_t tolen;
+        } conn; /* connect */
+        struct {
+            struct net_addr peer;
+        } acc; /* accept */
+    } u;
+};
+
+/* A call to run at the end of the current (or next) loop turn. */
+struct eng_defer {
+    void (*cb)(struct eng_defer *d);
+    struct eng_defer *next; /* private */
+    bool queued;            /* private */
+};
+
+/* Counters, plain uint64_t bumped by the owner thread; read them from the
+ * owner (or sum per shard at scrape time) via eng_stats(). */
+struct eng_stats {
+    uint64_t turns;          /* eng_run_once calls */
+    uint64_t polls;          /* epoll_wait / io_uring_enter(GETEVENTS) */
+    uint64_t submitted;      /* ops started by callers */
+    uint64_t completed;      /* op callbacks run (one per accepted fd too) */
+    uint64_t cancelled;      /* eng_cancel that hit an op in flight */
+    uint64_t sqes;           /* io_uring SQEs prepared (ops + cancels) */
+    uint64_t ctl;            /* epoll_ctl calls */
+    uint64_t send_partial;   /* short writes continued by the engine */
+    uint64_t accept_paused;  /* listener pauses (EMFILE & co) */
+    uint64_t accept_dropped; /* connections lost in accept (see policy) */
+    uint64_t busy;           /* second op on one fd direction, -EBUSY */
+    uint64_t timers;         /* timer callbacks run */
+    uint64_t defers;         /* deferred callbacks run */
+};
+
+/* ---- Lifetime ---- */
+
+/* A new engine of kind `want` (ENG_AUTO: io_uring, falling back to epoll),
+ * announced with one log line. Returns NULL when the requested engine
+ * cannot run, with the reason in err (always NUL-terminated when
+ * errlen > 0); ENG_AUTO fails only when epoll fails too. Call it on any
+ * thread; the first eng_run_once() binds the engine to its thread. */
+struct eng *eng_new(enum eng_kind want, char *err, size_t errlen);
+
+/* Frees the engine. Ops still in flight are abandoned WITHOUT callbacks
+ * (io_uring: cancelled and reaped first, so the kernel no longer touches
+ * their buffers after this returns); timers and defers are dropped. Call
+ * it on the owner thread, never from a callback. NULL is ignored. */
+void eng_free(struct eng *e);
+
+/* ENG_URING or ENG_EPOLL: what actually runs. */
+enum eng_kind eng_kind(const struct eng *e);
+
+/* "io_uring" or "epoll". */
+const char *eng_name(const struct eng *e);
+
+/* Why this engine runs, e.g. "io_uring ok flags=single_issuer,..." or
+ * "io_uring refused: SNITUN_IO_URING_DISABLE=1". Owned by the engine. */
+const char *eng_reason(const struct eng *e);
+
+/* "engine=epoll reason=\"...\"" into buf, for the startup log line. */
+const char *eng_describe(const struct eng *e, char *buf, size_t len);
+
+/* ---- The loop ---- */
+
+/* One turn (see "Loop turn" above). timeout_ms: -1 waits until something
+ * happens, 0 polls, > 0 waits at most that long. Returns the number of
+ * callbacks run (ops, timers, defers), or -errno if polling failed in a
+ * way that will not fix itself (the engine is then unusable). Never call it
+ * from a callback. */
+int eng_run_once(struct eng *e, int timeout_ms);
+
+/* Turns until eng_stop(); returns 0, or -errno as eng_run_once. */
+int eng_run(struct eng *e);
+
+/* Make eng_run() return after the current turn. Owner thread only; from
+ * another thread post a mailbox message that calls it. */
+void eng_stop(struct eng *e);
+bool eng_stopped(const struct eng *e);
+
+/* Millisecond clock of the current turn (timer_clock_ms() at poll return). */
+uint64_t eng_now(const struct eng *e);
+
+const struct eng_stats *eng_stats(const struct eng *e);
+
+/* ---- Operations ---- */
+
+/* Make op idle with callback cb. Call once before the first use, never on
+ * an op in flight. */
+static inline void eng_op_init(struct eng_op *op, eng_cb *cb)
+{
+    *op = (struct eng_op){ .cb = cb, .fd = -1 };
+}
+
+/* Accept connections on listening socket lfd until cancelled: one callback
+ * per connection with res = new fd (O_NONBLOCK, O_CLOEXEC; the callback
+ * owns it) and op->more = true; the peer address is eng_accept_peer(op),
+ * valid during that callback. Errors: see the policy table. */
+void eng_accept(struct eng *e, struct eng_op *op, int lfd);
+
+static inline const struct net_addr *eng_accept_peer(const struct eng_op *op)
+{
+    return &op->u.acc.peer;
+}
+
+/* recv(2) into buf (borrowed): res = bytes (1..len), 0 = EOF, or -errno.
+ * len must be 1..INT_MAX (larger is clamped). */
+void eng_recv(struct eng *e, struct eng_op *op, int fd, void *buf, size_t len);
+
+/* read(2) into buf, for non-sockets (eventfd, pipe); as eng_recv. */
+void eng_read(struct eng *e, struct eng_op *op, int fd, void *buf, size_t len);
+
+/* Write all of iov[0..iovcnt) (array and buffers borrowed; the array is
+ * advanced in place). res = total bytes, or -errno (EPIPE, ECONNRESET...;
+ * never SIGPIPE). */
+void eng_send(struct eng *e, struct eng_op *op, int fd, struct iovec *iov, int iovcnt);
+
+/* Connect non-blocking socket fd to `to` (copied): res = 0 or -errno
+ * (ECONNREFUSED, ETIMEDOUT, ENETUNREACH...). */
+void eng_connect(struct eng *e, struct eng_op *op, int fd, const struct net_addr *to);
+
+/* Ask op to stop. If it is in flight, its callback runs later exactly once,
+ * with -ECANCELED or with its real result if it finished first (an accept:
+ * no more connections are delivered, then one final callback with
+ * more=false). An idle op, or one whose result is already queued, is left
+ * alone (its callback is coming or has run). Never runs a callback itself. */
+void eng_cancel(struct eng_op *op);
+
+/* close(2) fd and forget its engine state. No op may be in flight on it. */
+void eng_close(struct eng *e, int fd);
+
+/* Forget fd without closing it (cross-shard handoff: the sender forgets,
+ * the receiving shard starts ops on its own engine). No op in flight. */
+void eng_detach(struct eng *e, int fd);
+
+/* ---- Timers and deferred calls ---- */
+
+/* Arm t (timer_init()ed) to fire delay_ms from now (inside a turn: from
+ * eng_now(), so timers armed in one turn share a base); an armed t is
+ * re-armed. The callback runs from eng_run_once; a timer armed with delay
+ * 0 from a timer callback runs in the next turn, not in this one. */
+void eng_timer_add(struct eng *e, struct timer *t, uint64_t delay_ms);
+
+/* Disarm t; it will not fire. Disarming an idle timer is a no-op. */
+void eng_timer_del(struct eng *e, struct timer *t);
+
+/* Run cb(d) at the end of the current loop turn (or of the next turn when
+ * called outside one), after all completions and timers: the place for
+ * deferred frees. d is borrowed until then. Deferring a queued d again
+ * only replaces its callback. FIFO. */
+void eng_defer(struct eng *e, struct eng_defer *d, void (*cb)(struct eng_defer *d));
+
+#endif

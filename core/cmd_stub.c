@@ -12,5 +12,4 @@
         return 1;                                                        \
     }
 
-STUB(cmd_server, "server")
 STUB(cmd_client, "client")

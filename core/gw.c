@@ -1,0 +1,804 @@
+/* core/gw.c - the gateway runtime: configuration, shards, listeners,
+ * signals, stop, counters (see gw.h). The handshake of one connection is
+ * gw_conn.c; tunnels, routing and cross-shard handoff are gw_tunnel.c.
+ *
+ * Threads:
+ *   main     opens the listening sockets, starts the shards (and the admin
+ *            listener), then waits for signals (sigwaitinfo): INT/TERM
+ *            post a stop message to every shard, HUP swaps the Fernet key
+ *            list (RCU), USR1 asks every shard to log its counters.
+ *   shard i  registered QSBR reader; loop: quiescent state, one engine
+ *            turn of at most GW_TURN_MS (so grace periods end even when
+ *            the shard is idle).
+ *
+ * Messages between threads (io/mbox.h), all owned by the receiver:
+ *   handoff, replace (gw_tunnel.c); stats (malloc'd by main); stop
+ *   (embedded in the shard, posted once).
+ *
+ * Stop: listeners cancelled and closed, handshakes aborted, tunnels closed
+ * (MUX_R_SHUTDOWN); once nothing is left (or after GW_DRAIN_MS) the loop
+ * ends. The shards then meet (after that nobody posts any more), free
+ * their engine and drain their mailbox (fds in late handoffs are closed).
+ */
+#include "core/gw_impl.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "io/sock.h"
+
+#define GW_TURN_MS 1000
+#define GW_DRAIN_MS 10000
+
+/* ---- names ------------------------------------------------------------------ */
+
+static const char *const rej_names[GW_REJ_COUNT] = {
+    [GW_REJ_NONE] = "none",
+    [GW_REJ_HS_LIMIT] = "handshake_limit",
+    [GW_REJ_IP_LIMIT] = "ip_limit",
+    [GW_REJ_TIMEOUT] = "timeout",
+    [GW_REJ_EOF] = "eof",
+    [GW_REJ_READ_ERROR] = "read_error",
+    [GW_REJ_SEND_ERROR] = "send_error",
+    [GW_REJ_GARBAGE] = "not_tls_or_token",
+    [GW_REJ_PROXY] = "proxy_header",
+    [GW_REJ_SNI] = "bad_hello",
+    [GW_REJ_UNKNOWN_NAME] = "unknown_name",
+    [GW_REJ_TOKEN] = "bad_token",
+    [GW_REJ_TOKEN_TOO_LONG] = "token_too_long",
+    [GW_REJ_CHALLENGE] = "bad_answer",
+    [GW_REJ_NOMEM] = "no_memory",
+    [GW_REJ_STOPPING] = "stopping",
+};
+
+static const char *const stage_names[GW_ST_COUNT] = {
+    [GW_ST_PROXY] = "proxy",
+    [GW_ST_CLASSIFY] = "classify",
+    [GW_ST_SNI] = "sni",
+    [GW_ST_TOKEN] = "token",
+    [GW_ST_ANSWER] = "challenge",
+    [GW_ST_READY] = "ready",
+};
+
+const char *gw_rej_name(enum gw_rej r)
+{
+    return (unsigned)r < GW_REJ_COUNT && rej_names[r] ? rej_names[r] : "unknown";
+}
+
+const char *gw_stage_name(enum gw_stage st)
+{
+    return (unsigned)st < GW_ST_COUNT && stage_names[st] ? stage_names[st] : "unknown";
+}
+
+static const char *kind_name(enum gw_listen_kind kind)
+{
+    return kind == GW_L_SNI ? "sni" : kind == GW_L_PEER ? "peer" : "single";
+}
+
+static const char *listen_flag(enum gw_listen_kind kind)
+{
+    return kind == GW_L_SNI ? "--sni-listen" : kind == GW_L_PEER ? "--peer-listen" : "--listen";
+}
+
+/* ---- configuration and keys ------------------------------------------------ */
+
+void gw_cfg_defaults(struct gw_cfg *cfg)
+{
+    *cfg = (struct gw_cfg){
+        .threads = 1,
+        .io = ENG_AUTO,
+        .max_handshakes = 10000,
+        .max_handshakes_per_ip = 64,
+        .max_channels = 10000,
+        .max_frame = FRAME_MAX_DATA,
+        .handshake_ms = 10000,
+        .challenge_ms = 10000,
+        .tunnel_idle_ms = 120000,
+        .chan_idle_ms = 120000,
+        .log_rate = 100,
+    };
+}
+
+/* The key list from the flags (in order), then the file: the parsing code
+ * `snitun token` uses too (token_keys_add / token_keys_load). *usage tells
+ * a configuration mistake from an unreadable file. */
+static struct gw_keys *keys_build(const struct gw_cfg *cfg, char *err, size_t errlen,
+                                  bool *usage)
+{
+    struct gw_keys *k = calloc(1, sizeof(*k));
+
+    *usage = false;
+    if (k == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < cfg->nkeys; i++) {
+        if (token_keys_add(&k->ks, cfg->keys[i], strlen(cfg->keys[i])) != 0) {
+            snprintf(err, errlen, "--fernet-key #%zu is not a Fernet key (need 44 characters "
+                     "of URL-safe base64 encoding 32 bytes)", i + 1);
+            *usage = true;
+            goto fail;
+        }
+    }
+    if (cfg->keys_file != NULL && token_keys_load(&k->ks, cfg->keys_file, err, errlen) != 0)
+        goto fail;
+    if (k->ks.n == 0) {
+        snprintf(err, errlen, "no Fernet key: give --fernet-key or --fernet-keys-file");
+        *usage = true;
+        goto fail;
+    }
+    return k;
+fail:
+    token_keys_fini(&k->ks);
+    free(k);
+    return NULL;
+}
+
+static void keys_free(struct gw_keys *k)
+{
+    if (k == NULL)
+        return;
+    token_keys_fini(&k->ks);
+    free(k);
+}
+
+static int check_cfg(const struct gw_cfg *cfg, char *err, size_t errlen)
+{
+    bool tls = false, tok = false;
+
+    if (cfg->threads < 1 || cfg->threads > GW_THREADS_MAX) {
+        snprintf(err, errlen, "--threads must be 1..%d, got %u", GW_THREADS_MAX, cfg->threads);
+        return -1;
+    }
+    if (cfg->challenge_ms == 0 || cfg->challenge_ms > GW_CHALLENGE_MAX_S * 1000u) {
+        snprintf(err, errlen, "--challenge-timeout must be 1..%d seconds", GW_CHALLENGE_MAX_S);
+        return -1;
+    }
+    if (cfg->handshake_ms == 0) {
+        snprintf(err, errlen, "--handshake-timeout must be at least 1 second");
+        return -1;
+    }
+    if (cfg->max_frame < FRAME_MAX_DATA) {
+        snprintf(err, errlen, "--max-frame must be at least %u (PROTOCOL.md 4.6)",
+                 FRAME_MAX_DATA);
+        return -1;
+    }
+    for (size_t i = 0; i < cfg->nlisten; i++) {
+        tls |= cfg->listen[i].kind != GW_L_PEER;
+        tok |= cfg->listen[i].kind != GW_L_SNI;
+    }
+    if (!tls || !tok) {
+        snprintf(err, errlen, "%s",
+                 cfg->nlisten == 0 ? "no listening address"
+                 : !tls ? "--peer-listen needs --sni-listen (or --listen) for devices"
+                        : "--sni-listen needs --peer-listen (or --listen) for tunnels");
+        return -1;
+    }
+    return 0;
+}
+
+/* A wildcard IPv6 listener is dual-stack unless an IPv4 listener shares
+ * its port (then both would claim the IPv4 side). */
+static bool want_v6only(const struct gw_cfg *cfg, size_t i)
+{
+    for (size_t j = 0; j < cfg->nlisten; j++)
+        if (cfg->listen[j].addr.family == AF_INET &&
+            cfg->listen[j].addr.port == cfg->listen[i].addr.port)
+            return true;
+    return false;
+}
+
+/* One SO_REUSEPORT socket per shard and address, opened here so that an
+ * address in use is reported before any thread starts. */
+static int open_listeners(struct gw *g, char *err, size_t errlen)
+{
+    const struct gw_cfg *cfg = g->cfg;
+
+    for (unsigned s = 0; s < g->nshards; s++) {
+        for (size_t i = 0; i < cfg->nlisten; i++) {
+            struct sock_opts o = { .backlog = cfg->backlog, .reuseport = true,
+                                   .v6only = want_v6only(cfg, i) };
+            char a[ADDR_STRLEN];
+            int fd = sock_listen(&cfg->listen[i].addr, &o);
+
+            if (fd < 0) {
+                snprintf(err, errlen, "%s %s: cannot listen: %s",
+                         listen_flag(cfg->listen[i].kind),
+                         addr_format(&cfg->listen[i].addr, a, sizeof(a)), strerror(-fd));
+                return -1;
+            }
+            g->shards[s].lsn[i].fd = fd;
+        }
+    }
+    return 0;
+}
+
+static int shards_new(struct gw *g)
+{
+    const struct gw_cfg *cfg = g->cfg;
+
+    g->shards = calloc(g->nshards, sizeof(*g->shards));
+    if (g->shards == NULL)
+        return -1;
+    for (unsigned s = 0; s < g->nshards; s++) {
+        struct gw_shard *sh = &g->shards[s];
+        sh->gw = g;
+        sh->idx = s;
+        CDS_INIT_LIST_HEAD(&sh->conns);
+        CDS_INIT_LIST_HEAD(&sh->tunnels);
+        log_rl_init(&sh->rl, cfg->log_rate > 0 ? cfg->log_rate : ~0u);
+        sh->lsn = calloc(cfg->nlisten, sizeof(*sh->lsn));
+        if (sh->lsn == NULL)
+            return -1;
+        for (size_t i = 0; i < cfg->nlisten; i++)
+            sh->lsn[i] = (struct gw_lsn){ .sh = sh, .fd = -1, .cfg = &cfg->listen[i] };
+    }
+    return 0;
+}
+
+struct gw *gw_new(const struct gw_cfg *cfg, char *err, size_t errlen, bool *usage)
+{
+    struct gw *g;
+
+    *usage = true;
+    if (check_cfg(cfg, err, errlen) != 0)
+        return NULL;
+    *usage = false;
+    g = calloc(1, sizeof(*g));
+    if (g == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    g->cfg = cfg;
+    g->nshards = cfg->threads;
+    atomic_init(&g->next_tunnel, 1);
+    atomic_init(&g->next_gen, 1);
+    atomic_init(&g->handshakes, 0);
+    atomic_init(&g->fatal, false);
+    atomic_init(&g->start_failed, false);
+    atomic_init(&g->ready, false);
+    g->keys = keys_build(cfg, err, errlen, usage);
+    if (g->keys == NULL)
+        goto fail;
+    g->tab = hosttab_new();
+    g->metrics = metrics_new(g->nshards, METRICS_SERVER);
+    if (g->tab == NULL || g->metrics == NULL || shards_new(g) != 0) {
+        snprintf(err, errlen, "out of memory (hostname table, metrics or shards)");
+        goto fail;
+    }
+    if (open_listeners(g, err, errlen) != 0)
+        goto fail;
+    return g;
+fail:
+    gw_free(g);
+    return NULL;
+}
+
+void gw_free(struct gw *g)
+{
+    if (g == NULL)
+        return;
+    for (unsigned s = 0; g->shards != NULL && s < g->nshards; s++) {
+        struct gw_shard *sh = &g->shards[s];
+        for (size_t i = 0; sh->lsn != NULL && i < g->cfg->nlisten; i++)
+            if (sh->lsn[i].fd >= 0)
+                close(sh->lsn[i].fd);
+        free(sh->lsn);
+        pthread_mutex_destroy(&sh->rl.lock);
+    }
+    free(g->shards);
+    hosttab_free(g->tab);
+    metrics_free(g->metrics);
+    keys_free(g->keys);
+    free(g);
+}
+
+/* ---- counters --------------------------------------------------------------- */
+
+static void ctr_add(struct gw_ctr *to, const struct gw_ctr *from)
+{
+    const uint64_t *f = (const uint64_t *)from;
+    uint64_t *t = (uint64_t *)to;
+
+    for (size_t i = 0; i < sizeof(*to) / sizeof(uint64_t); i++)
+        t[i] += f[i];
+}
+
+_Static_assert(sizeof(struct gw_ctr) % sizeof(uint64_t) == 0, "gw_ctr holds uint64_t only");
+
+struct kv {
+    const char *k[160];
+    char v[160][LOG_NUM_MAX];
+    char names[160][48];
+    size_t n;
+};
+
+static void kv_put(struct kv *kv, const char *prefix, const char *name, uint64_t v, bool always)
+{
+    if ((!always && v == 0) || kv->n >= sizeof(kv->k) / sizeof(kv->k[0]))
+        return;
+    snprintf(kv->names[kv->n], sizeof(kv->names[0]), "%s%s", prefix, name);
+    kv->k[kv->n] = kv->names[kv->n];
+    log_u64(kv->v[kv->n], v);
+    kv->n++;
+}
+
+/* The fixed counters always, the per-cause ones when not zero. */
+static void ctr_kv(const struct gw_ctr *c, struct kv *kv)
+{
+#define ALWAYS(f) kv_put(kv, "", #f, c->f, true)
+    ALWAYS(accepted);
+    ALWAYS(tunnels_opened);
+    ALWAYS(tunnels_replaced);
+    ALWAYS(channels_local);
+    ALWAYS(handoffs_out);
+    ALWAYS(handoffs_in);
+    ALWAYS(handoffs_stale);
+    ALWAYS(chan_refused);
+    ALWAYS(alias_takeovers);
+    ALWAYS(cipher_unknown);
+    ALWAYS(accept_errors);
+    ALWAYS(bytes_to_device);
+    ALWAYS(bytes_from_device);
+#undef ALWAYS
+    for (int i = 1; i < GW_REJ_COUNT; i++)
+        kv_put(kv, "rej_", gw_rej_name(i), c->rej[i], false);
+    for (int i = 1; i < GW_ST_COUNT; i++)
+        kv_put(kv, "timeout_", gw_stage_name(i), c->timeout[i], false);
+    for (int i = 1; i < PP_R_COUNT; i++)
+        kv_put(kv, "proxy_", pp_reason_name(i), c->pp[i], false);
+    for (int i = 1; i < SNI_R_COUNT; i++)
+        kv_put(kv, "sni_", sni_reason_name(i), c->sni[i], false);
+    for (int i = 1; i < TOKEN_ERR_COUNT; i++)
+        kv_put(kv, "token_", token_strerror(i), c->token[i], false);
+    for (int i = 1; i < MUX_R_COUNT; i++)
+        kv_put(kv, "tunnel_closed_", mux_reason_name(i), c->tunnels_closed[i], false);
+    for (int i = 1; i < MUX_R_COUNT; i++)
+        kv_put(kv, "chan_closed_", mux_reason_name(i), c->chan_closed[i], false);
+}
+
+/* One "stats" line: shard (or "all"), then key=value per counter. */
+static void log_stats(const char *shard, const struct gw_ctr *c, size_t tunnels, size_t conns)
+{
+    struct kv *kv = calloc(1, sizeof(*kv));
+    const char *a[2 * 160 + 1];
+    size_t n = 0;
+
+    if (kv == NULL)
+        return;
+    kv_put(kv, "", "tunnels", tunnels, true);
+    kv_put(kv, "", "handshakes", conns, true);
+    ctr_kv(c, kv);
+    for (size_t i = 0; i < kv->n; i++) {
+        a[n++] = kv->k[i];
+        a[n++] = kv->v[i];
+    }
+    a[n] = NULL;
+    /* log.h writes at most LOG_MAX_FIELDS pairs per line: split. */
+    for (size_t i = 0; i < n; i += 2 * (LOG_MAX_FIELDS - 1)) {
+        const char *p[2 * LOG_MAX_FIELDS + 1] = { NULL };
+        size_t m = 0;
+        p[m++] = "shard";
+        p[m++] = shard;
+        for (size_t j = i; j < n && m < 2 * LOG_MAX_FIELDS; j++)
+            p[m++] = a[j];
+        p[m] = NULL;
+        log_msg(LOG_INFO, "stats", p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
+                p[10], p[11], p[12], p[13], p[14], p[15], p[16], p[17], p[18], p[19], p[20],
+                p[21], p[22], p[23], p[24], p[25], p[26], p[27], p[28], p[29], p[30], p[31],
+                p[32], p[33], p[34], p[35], p[36], p[37], p[38], p[39], p[40], p[41], p[42],
+                p[43], p[44], p[45], p[46], p[47], p[48], p[49], p[50], p[51], p[52], p[53],
+                p[54], p[55], p[56], p[57], p[58], p[59], p[60], p[61], p[62], p[63], NULL);
+    }
+    free(kv);
+}
+
+_Static_assert(LOG_MAX_FIELDS == 32, "log_stats passes 64 values");
+
+struct gw_stats_msg {
+    struct mbox_msg msg;
+    struct gw_shard *to;
+};
+
+static void on_stats_msg(struct mbox_msg *msg)
+{
+    struct gw_stats_msg *m = caa_container_of(msg, struct gw_stats_msg, msg);
+    struct gw_shard *sh = m->to;
+
+    if (!sh->finalizing)
+        log_stats(LOG_U64(sh->idx), &sh->ctr, sh->ntunnels, sh->nconns);
+    free(m);
+}
+
+/* ---- listeners ------------------------------------------------------------------ */
+
+static void on_accept(struct eng_op *op, int res)
+{
+    struct gw_lsn *l = caa_container_of(op, struct gw_lsn, op);
+    struct gw_shard *sh = l->sh;
+    char a[ADDR_STRLEN];
+
+    if (res >= 0) {
+        gw_conn_start(sh, l->cfg->kind, res, eng_accept_peer(op));
+        return;
+    }
+    addr_format(&l->cfg->addr, a, sizeof(a));
+    if (op->more) { /* EMFILE & co: the engine pauses the listener */
+        sh->ctr.accept_errors++;
+        metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_LIMIT_REJECTS,
+                           res == -EMFILE || res == -ENFILE ? "fds" : "other", 1);
+        log_ratelimited(&sh->rl, LOG_WARN, "accept failed, listener paused", "shard",
+                        LOG_U64(sh->idx), "listen", a, "error", strerror(-res), NULL);
+        return;
+    }
+    l->armed = false;
+    if (!sh->stopping)
+        log_msg(LOG_ERROR, "listener failed", "shard", LOG_U64(sh->idx), "listen", a, "error",
+                strerror(-res), NULL);
+    eng_close(sh->eng, l->fd);
+    l->fd = -1;
+    sh->nlsn_open--;
+    gw_shard_check_drained(sh);
+}
+
+static void listeners_start(struct gw_shard *sh)
+{
+    for (size_t i = 0; i < sh->gw->cfg->nlisten; i++) {
+        struct gw_lsn *l = &sh->lsn[i];
+        eng_op_init(&l->op, on_accept);
+        l->armed = true;
+        sh->nlsn_open++;
+        eng_accept(sh->eng, &l->op, l->fd);
+    }
+}
+
+/* ---- stopping ------------------------------------------------------------------- */
+
+static void drained_cb(struct eng_defer *d)
+{
+    struct gw_shard *sh = caa_container_of(d, struct gw_shard, drain_d);
+
+    if (sh->nlsn_open == 0 && sh->nconns == 0 && sh->ntunnels == 0) {
+        eng_timer_del(sh->eng, &sh->drain_timer);
+        eng_stop(sh->eng);
+    }
+}
+
+void gw_shard_check_drained(struct gw_shard *sh)
+{
+    /* At the end of the turn, after the frees this turn queued. */
+    if (sh->stopping)
+        eng_defer(sh->eng, &sh->drain_d, drained_cb);
+}
+
+static void on_drain_timeout(struct timer *t)
+{
+    struct gw_shard *sh = caa_container_of(t, struct gw_shard, drain_timer);
+
+    log_msg(LOG_WARN, "stop forced with objects left", "shard", LOG_U64(sh->idx), "listeners",
+            LOG_U64(sh->nlsn_open), "handshakes", LOG_U64(sh->nconns), "tunnels",
+            LOG_U64(sh->ntunnels), NULL);
+    eng_stop(sh->eng);
+}
+
+static void on_stop_msg(struct mbox_msg *msg)
+{
+    struct gw_shard *sh = caa_container_of(msg, struct gw_shard, stop_msg);
+    struct gw_conn *c, *cn;
+    struct gw_tunnel *t, *tn;
+
+    if (sh->finalizing || sh->stopping)
+        return;
+    sh->stopping = true;
+    timer_init(&sh->drain_timer, on_drain_timeout);
+    eng_timer_add(sh->eng, &sh->drain_timer, GW_DRAIN_MS);
+    for (size_t i = 0; i < sh->gw->cfg->nlisten; i++)
+        if (sh->lsn[i].armed)
+            eng_cancel(&sh->lsn[i].op);
+    cds_list_for_each_entry_safe(c, cn, &sh->conns, link)
+        gw_conn_abort(c, GW_REJ_STOPPING);
+    cds_list_for_each_entry_safe(t, tn, &sh->tunnels, link)
+        mux_close(t->mux, MUX_R_SHUTDOWN);
+    gw_shard_check_drained(sh);
+}
+
+/* ---- shard threads ------------------------------------------------------------- */
+
+static void gate_arrive(struct gw *g, unsigned *counter)
+{
+    pthread_mutex_lock(&g->gate_mu);
+    (*counter)++;
+    pthread_cond_broadcast(&g->gate_cv);
+    pthread_mutex_unlock(&g->gate_mu);
+}
+
+static void gate_wait(struct gw *g, const unsigned *counter, unsigned target)
+{
+    pthread_mutex_lock(&g->gate_mu);
+    while (*counter < target)
+        pthread_cond_wait(&g->gate_cv, &g->gate_mu);
+    pthread_mutex_unlock(&g->gate_mu);
+}
+
+static void pin_cpu(struct gw_shard *sh)
+{
+    cpu_set_t allowed, one;
+    int n = 0, want;
+
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0 || CPU_COUNT(&allowed) == 0)
+        return;
+    want = (int)(sh->idx % (unsigned)CPU_COUNT(&allowed));
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+        if (!CPU_ISSET(cpu, &allowed) || n++ != want)
+            continue;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        if (pthread_setaffinity_np(pthread_self(), sizeof(one), &one) != 0)
+            log_msg(LOG_WARN, "cannot pin shard to its CPU", "shard", LOG_U64(sh->idx), "cpu",
+                    LOG_U64(cpu), NULL);
+        return;
+    }
+}
+
+static void shard_init(struct gw_shard *sh)
+{
+    struct gw *g = sh->gw;
+    char err[sizeof(sh->err) - 32];
+    int rc;
+
+    if (g->cfg->cpu_affinity)
+        pin_cpu(sh);
+    sh->eng = eng_new(g->cfg->io, err, sizeof(err));
+    if (sh->eng == NULL) {
+        snprintf(sh->err, sizeof(sh->err), "--io %s: %s",
+                 g->cfg->io == ENG_URING ? "uring" : g->cfg->io == ENG_EPOLL ? "epoll" : "auto",
+                 err);
+        atomic_store(&g->start_failed, true);
+        return;
+    }
+    rc = mbox_init(&sh->mbox, sh->eng);
+    if (rc < 0) {
+        snprintf(sh->err, sizeof(sh->err), "mailbox: %s", strerror(-rc));
+        atomic_store(&g->start_failed, true);
+        return;
+    }
+    sh->mbox_ok = true;
+}
+
+static void shard_loop(struct gw_shard *sh)
+{
+    listeners_start(sh);
+    while (!eng_stopped(sh->eng)) {
+        int rc;
+
+        rcu_quiescent_state();
+        rc = eng_run_once(sh->eng, GW_TURN_MS);
+        if (rc < 0) {
+            log_msg(LOG_ERROR, "engine failed", "shard", LOG_U64(sh->idx), "error",
+                    strerror(-rc), NULL);
+            atomic_store(&sh->gw->fatal, true);
+            pthread_kill(sh->gw->main_thread, SIGTERM);
+            break;
+        }
+    }
+}
+
+static void *shard_main(void *arg)
+{
+    struct gw_shard *sh = arg;
+    struct gw *g = sh->gw;
+
+    rcu_register_thread();
+    shard_init(sh);
+    /* Offline while blocked, so grace periods never wait for us. */
+    rcu_thread_offline();
+    gate_arrive(g, &g->gate_ready);
+    gate_wait(g, &g->gate_go, 1);
+    rcu_thread_online();
+    if (!atomic_load(&g->start_failed))
+        shard_loop(sh);
+    rcu_thread_offline();
+    /* Everyone is out of the loop before anyone frees: no more posts. */
+    gate_arrive(g, &g->gate_out);
+    gate_wait(g, &g->gate_out, g->nthreads);
+    sh->finalizing = true;
+    eng_free(sh->eng);
+    sh->eng = NULL;
+    for (size_t i = 0; i < g->cfg->nlisten; i++) {
+        if (sh->lsn[i].fd >= 0) /* never armed (start failed) or stop forced */
+            close(sh->lsn[i].fd);
+        sh->lsn[i].fd = -1;
+    }
+    if (sh->mbox_ok)
+        mbox_fini(&sh->mbox, NULL);
+    rcu_unregister_thread();
+    return NULL;
+}
+
+/* ---- main thread ------------------------------------------------------------- */
+
+static void reload_keys(struct gw *g)
+{
+    char err[512];
+    bool usage;
+    struct gw_keys *k = keys_build(g->cfg, err, sizeof(err), &usage), *old;
+
+    if (k == NULL) {
+        log_msg(LOG_ERROR, "Fernet keys not reloaded, keeping the old ones", "error", err, NULL);
+        return;
+    }
+    old = rcu_xchg_pointer(&g->keys, k);
+    /* The main thread is no reader: it may wait for a grace period. */
+    synchronize_rcu();
+    log_msg(LOG_INFO, "Fernet keys reloaded", "keys", LOG_U64(k->ks.n), NULL);
+    keys_free(old);
+}
+
+static void post_all(struct gw *g, bool stop)
+{
+    for (unsigned s = 0; s < g->nthreads; s++) {
+        struct gw_shard *sh = &g->shards[s];
+        struct gw_stats_msg *m;
+
+        if (stop) {
+            mbox_post(&sh->mbox, &sh->stop_msg, on_stop_msg);
+            continue;
+        }
+        m = malloc(sizeof(*m));
+        if (m == NULL)
+            continue;
+        m->to = sh;
+        mbox_post(&sh->mbox, &m->msg, on_stats_msg);
+    }
+}
+
+static int admin_render(void *ctx, char **out, size_t *len)
+{
+    return metrics_render(ctx, out, len);
+}
+
+static bool admin_ready(void *ctx)
+{
+    const struct gw *g = ctx;
+
+    return atomic_load(&g->ready);
+}
+
+static int admin_up(struct gw *g)
+{
+    struct admin_cb cb = { .render = admin_render, .ready = admin_ready, .ctx = g->metrics };
+    char err[256], a[ADDR_STRLEN];
+
+    if (g->cfg->admin == NULL)
+        return 0;
+    cb.ctx = g->metrics;
+    g->admin = admin_start(g->cfg->admin, &cb, err, sizeof(err));
+    if (g->admin == NULL) {
+        log_msg(LOG_ERROR, "admin listener failed", "error", err, NULL);
+        return -1;
+    }
+    log_msg(LOG_INFO, "admin listening", "addr", addr_format(g->cfg->admin, a, sizeof(a)),
+            "port", LOG_U64(admin_port(g->admin)), NULL);
+    return 0;
+}
+
+static void log_start(struct gw *g)
+{
+    const struct gw_cfg *cfg = g->cfg;
+    char a[ADDR_STRLEN];
+
+    for (size_t i = 0; i < cfg->nlisten; i++)
+        log_msg(LOG_INFO, "listening", "kind", kind_name(cfg->listen[i].kind), "addr",
+                addr_format(&cfg->listen[i].addr, a, sizeof(a)), "proxy_protocol",
+                cfg->proxy_protocol && cfg->listen[i].kind != GW_L_PEER ? "on" : "off", NULL);
+    for (unsigned s = 0; s < g->nshards; s++) {
+        struct eng *e = g->shards[s].eng;
+        if (s != 0 && eng_kind(e) == eng_kind(g->shards[0].eng))
+            continue;
+        /* eng_new() logs "io engine" with the reason itself */
+        metrics_gauge_set(g->metrics, 0, METRIC_ENGINE_INFO,
+                          eng_kind(e) == ENG_URING ? METRICS_ENGINE_URING : METRICS_ENGINE_EPOLL,
+                          1);
+    }
+    metrics_gauge_set(g->metrics, 0, METRIC_SHARDS, 0, g->nshards);
+    log_msg(LOG_INFO, "gateway started", "version", SNITUN_VERSION, "threads",
+            LOG_U64(g->nshards), "keys", LOG_U64(g->keys->ks.n), NULL);
+}
+
+/* Wait for signals until a stop; returns the exit status. */
+static int signal_loop(struct gw *g, const sigset_t *set)
+{
+    for (;;) {
+        siginfo_t si;
+        int sig = sigwaitinfo(set, &si);
+
+        if (sig < 0)
+            continue; /* EINTR */
+        if (sig == SIGHUP) {
+            reload_keys(g);
+        } else if (sig == SIGUSR1) {
+            post_all(g, false);
+        } else {
+            bool fatal = atomic_load(&g->fatal);
+            log_msg(fatal ? LOG_ERROR : LOG_INFO, "stopping", "signal",
+                    fatal ? "engine failure" : sigabbrev_np(sig), NULL);
+            atomic_store(&g->ready, false);
+            post_all(g, true);
+            return fatal ? 1 : 0;
+        }
+    }
+}
+
+/* Start the threads; 0 once every shard runs, else -1 (threads then skip
+ * their loop and finish). */
+static int threads_start(struct gw *g)
+{
+    int rc = 0;
+
+    for (unsigned s = 0; s < g->nshards; s++) {
+        if (pthread_create(&g->shards[s].thread, NULL, shard_main, &g->shards[s]) != 0) {
+            snprintf(g->shards[s].err, sizeof(g->shards[s].err), "cannot start its thread");
+            atomic_store(&g->start_failed, true);
+            break;
+        }
+        g->nthreads++;
+    }
+    gate_wait(g, &g->gate_ready, g->nthreads);
+    if (atomic_load(&g->start_failed)) {
+        for (unsigned s = 0; s < g->nshards; s++)
+            if (g->shards[s].err[0])
+                log_msg(LOG_ERROR, "shard failed to start", "shard", LOG_U64(s), "error",
+                        g->shards[s].err, NULL);
+        rc = -1;
+    }
+    gate_arrive(g, &g->gate_go);
+    return rc;
+}
+
+int gw_run(struct gw *g)
+{
+    sigset_t set, old;
+    struct gw_ctr total = { 0 };
+    bool started = false;
+    int rc = 1;
+
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &set, &old);
+    signal(SIGPIPE, SIG_IGN);
+    g->main_thread = pthread_self();
+    pthread_mutex_init(&g->gate_mu, NULL);
+    pthread_cond_init(&g->gate_cv, NULL);
+    if (threads_start(g) == 0) {
+        started = true;
+        log_start(g);
+        if (admin_up(g) == 0) {
+            atomic_store(&g->ready, true);
+            rc = signal_loop(g, &set);
+        } else {
+            post_all(g, true);
+        }
+    }
+    for (unsigned s = 0; s < g->nthreads; s++)
+        pthread_join(g->shards[s].thread, NULL);
+    admin_stop(g->admin);
+    g->admin = NULL;
+    for (unsigned s = 0; s < g->nthreads; s++)
+        ctr_add(&total, &g->shards[s].ctr);
+    if (started)
+        log_stats("all", &total, 0, 0);
+    log_msg(LOG_INFO, "gateway stopped", "status", LOG_U64(rc), NULL);
+    pthread_mutex_destroy(&g->gate_mu);
+    pthread_cond_destroy(&g->gate_cv);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}

@@ -1,0 +1,243 @@
+/* core/gw_impl.h - what the gateway's files share: gw.c (runtime:
+ * configuration, shards, listeners, signals, stop, counters), gw_conn.c
+ * (the handshake of one connection) and gw_tunnel.c (tunnels, routing,
+ * cross-shard handoff, metrics mapping). Not for other modules: they use
+ * core/gw.h.
+ *
+ * Ownership on a shard:
+ *   shard -- owns --> listeners, handshake connections (list), tunnels
+ *                     (list + tree by id), the per-IP count tree
+ *   gw_conn  owns its fd until it hands it to mux_new() (tunnel), to
+ *            mux_chan_open() (same-shard channel) or to a handoff message
+ *            (other shard); then c->fd is -1 and the conn just goes away.
+ *   gw_tunnel owns its names; its mux owns the tunnel fd and the streams.
+ */
+#ifndef CORE_GW_IMPL_H
+#define CORE_GW_IMPL_H
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <urcu/list.h>
+#include <urcu-qsbr.h>
+
+#include "core/challenge.h"
+#include "core/claims.h"
+#include "core/gw.h"
+#include "core/hosttab.h"
+#include "core/log.h"
+#include "core/metrics.h"
+#include "core/mux.h"
+#include "core/proxy.h"
+#include "core/sni.h"
+#include "core/token.h"
+#include "io/admin.h"
+#include "io/eng.h"
+#include "io/mbox.h"
+
+/* Why a connection was closed before the multiplexer. Checklist: a new
+ * value needs its name in gw.c rej_names[]. */
+enum gw_rej {
+    GW_REJ_NONE = 0,
+    GW_REJ_HS_LIMIT,      /* --max-handshakes reached */
+    GW_REJ_IP_LIMIT,      /* --max-handshakes-per-ip reached */
+    GW_REJ_TIMEOUT,       /* deadline of the current stage */
+    GW_REJ_EOF,           /* peer closed before the stage completed */
+    GW_REJ_READ_ERROR,    /* recv failed */
+    GW_REJ_SEND_ERROR,    /* challenge send failed */
+    GW_REJ_GARBAGE,       /* single port: neither 16 nor "gA" */
+    GW_REJ_PROXY,         /* bad PROXY header (pp_reason in detail) */
+    GW_REJ_SNI,           /* unroutable ClientHello (sni_reason) */
+    GW_REJ_UNKNOWN_NAME,  /* no tunnel serves the SNI name */
+    GW_REJ_TOKEN,         /* token rejected (token_err) */
+    GW_REJ_TOKEN_TOO_LONG,/* GW_TOKEN_MAX bytes without a valid token */
+    GW_REJ_CHALLENGE,     /* wrong answer (or AEAD tag) */
+    GW_REJ_NOMEM,         /* allocation or cipher setup failed */
+    GW_REJ_STOPPING,      /* the gateway is shutting down */
+    GW_REJ_COUNT
+};
+
+/* Handshake stages, for deadlines and the log line. */
+enum gw_stage {
+    GW_ST_PROXY = 1,  /* reading a PROXY header */
+    GW_ST_CLASSIFY,   /* single port: first bytes */
+    GW_ST_SNI,        /* reading the ClientHello */
+    GW_ST_TOKEN,      /* reading the token */
+    GW_ST_ANSWER,     /* challenge sent, reading the answer */
+    GW_ST_READY,      /* answer good, challenge send still in flight */
+    GW_ST_COUNT
+};
+
+/* Per-shard counters, bumped by the owner thread only; summed at exit. */
+struct gw_ctr {
+    uint64_t accepted;
+    uint64_t rej[GW_REJ_COUNT];
+    uint64_t timeout[GW_ST_COUNT];
+    uint64_t pp[PP_R_COUNT];
+    uint64_t sni[SNI_R_COUNT];
+    uint64_t token[TOKEN_ERR_COUNT];
+    uint64_t cipher_unknown;
+    uint64_t tunnels_opened;
+    uint64_t tunnels_closed[MUX_R_COUNT];
+    uint64_t tunnels_replaced;     /* stale tunnels this shard was told to close */
+    uint64_t alias_takeovers;      /* alias taken from another tunnel */
+    uint64_t channels_local;       /* routed on the accepting shard */
+    uint64_t handoffs_out;         /* sent to another shard */
+    uint64_t handoffs_in;          /* received and opened */
+    uint64_t handoffs_stale;       /* received, tunnel gone: closed */
+    uint64_t chan_refused;         /* mux_chan_open said no */
+    uint64_t chan_closed[MUX_R_COUNT];
+    uint64_t bytes_to_device, bytes_from_device;
+    uint64_t accept_errors;
+};
+
+struct gw_shard;
+
+struct gw_lsn {
+    struct gw_shard *sh;
+    struct eng_op op;
+    int fd;
+    bool armed;
+    const struct gw_listen *cfg;
+};
+
+/* The Fernet key list, replaced as a whole on SIGHUP (RCU). */
+struct gw_keys {
+    struct token_keys ks;
+    struct rcu_head rcu;
+};
+
+struct gw_ipcount {
+    struct net_addr ip;   /* port 0 */
+    uint32_t n;
+};
+
+/* One connection before the multiplexer (gw_conn.c); freed by eng_defer
+ * at the end of the turn in which it closed or was handed over. */
+struct gw_conn {
+    struct gw_shard *sh;
+    struct cds_list_head link;
+    enum gw_listen_kind kind;
+    enum gw_stage st;
+    int fd;
+    bool rd_busy, wr_busy, closing, counted;
+    struct eng_op rd, wr;
+    struct timer deadline;
+    struct eng_defer free_d;
+    struct net_addr peer;        /* TCP peer */
+    struct net_addr caller;      /* peer, or the PROXY source */
+    struct gw_ipcount *ipc;      /* per-IP slot held, or NULL */
+    uint8_t *buf;
+    size_t len, cap, off;        /* payload starts at off (after PROXY) */
+    /* token / challenge stage */
+    struct claims claims;
+    bool have_claims;
+    struct tc_stream *seal, *open;
+    struct challenge ch;
+    uint8_t chwire[CHALLENGE_WIRE_MAX];
+    size_t chlen;
+    struct iovec iov;
+};
+
+struct gw_tunnel {
+    struct gw_shard *sh;
+    struct cds_list_head link;
+    struct mux *mux;
+    uint64_t id, gen;
+    char **names;                /* hostname first, then aliases (raw) */
+    size_t nnames;
+    unsigned version;
+    enum tc_kind cipher;
+    struct net_addr peer;
+    struct timer expiry;
+    struct mux_hooks hooks;
+};
+
+struct gw_shard {
+    struct gw *gw;
+    unsigned idx;
+    pthread_t thread;
+    struct eng *eng;
+    struct mbox mbox;
+    bool mbox_ok;
+    struct gw_lsn *lsn;          /* gw->cfg->nlisten of them */
+    size_t nlsn_open;
+    struct cds_list_head conns;
+    struct cds_list_head tunnels;
+    size_t nconns, ntunnels;
+    void *tunnel_tree;           /* tsearch: struct gw_tunnel * by id */
+    void *ip_tree;               /* tsearch: struct gw_ipcount * by ip */
+    bool stopping, finalizing;
+    struct mbox_msg stop_msg;
+    struct timer drain_timer;
+    struct eng_defer drain_d;
+    struct gw_ctr ctr;
+    struct log_rl rl;            /* per-connection lines of this shard */
+    char err[256];               /* startup failure */
+};
+
+struct gw {
+    const struct gw_cfg *cfg;
+    struct gw_shard *shards;
+    unsigned nshards;
+    struct hosttab *tab;
+    struct metrics *metrics;
+    struct admin *admin;
+    atomic_bool ready;           /* /readyz: shards serving, not stopping */
+    struct gw_keys *keys;        /* RCU: rcu_dereference on shards */
+    unsigned nthreads;           /* shard threads started */
+    /* start/stop rendezvous: counters under gate_mu */
+    pthread_mutex_t gate_mu;
+    pthread_cond_t gate_cv;
+    unsigned gate_ready, gate_go, gate_out;
+    atomic_bool start_failed;
+    atomic_bool fatal;
+    pthread_t main_thread;
+    _Alignas(64) atomic_uint_fast64_t next_tunnel;
+    _Alignas(64) atomic_uint_fast64_t next_gen;
+    _Alignas(64) atomic_size_t handshakes;
+};
+
+/* ---- gw.c: names ---------------------------------------------------------- */
+
+const char *gw_rej_name(enum gw_rej r);
+const char *gw_stage_name(enum gw_stage st);
+
+/* ---- gw_tunnel.c ------------------------------------------------------------ */
+
+/* Count a connection closed before the multiplexer in the Prometheus
+ * metrics (the label depends on the stage); detail is the parser's reason
+ * token when there is one. */
+void gw_metric_reject(struct gw_shard *sh, enum gw_stage st, enum gw_rej why,
+                      const char *detail);
+
+/* A verified tunnel: claims in c, streams c->seal/c->open, fd c->fd,
+ * bytes after the answer at c->buf[c->off..c->len). On success takes fd
+ * and streams (c->fd = -1, streams NULL). Returns 0 or -1 (c untouched
+ * apart from that; the caller closes it). */
+int gw_tunnel_start(struct gw_conn *c);
+
+/* A device connection whose ClientHello named name: route it. On
+ * GW_REJ_NONE the fd was taken (c->fd = -1): a channel on this shard (or
+ * refused by the mux, which closed it), or a handoff to the owner shard.
+ * Otherwise (unknown_name, no_memory) nothing was taken; the caller
+ * closes the connection. */
+enum gw_rej gw_route(struct gw_conn *c, const char *name, size_t n);
+
+/* gw.c: called whenever a conn, tunnel or listener goes away, so that a
+ * stopping shard ends its loop once nothing is left. */
+void gw_shard_check_drained(struct gw_shard *sh);
+
+/* ---- gw_conn.c --------------------------------------------------------- */
+
+/* A connection accepted on a listener of kind: takes fd. */
+void gw_conn_start(struct gw_shard *sh, enum gw_listen_kind kind, int fd,
+                   const struct net_addr *peer);
+
+/* Close a handshake connection (nothing sent), counting why. */
+void gw_conn_abort(struct gw_conn *c, enum gw_rej why);
+
+#endif

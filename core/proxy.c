@@ -8,6 +8,7 @@
 
 #include <arpa/inet.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <string.h>
 
 static const uint8_t v2_sig[12] = {
@@ -278,4 +279,80 @@ const char *pp_reason_name(enum pp_reason reason)
     if ((unsigned)reason >= PP_R_COUNT || names[reason] == NULL)
         return "unknown";
     return names[reason];
+}
+
+/* ---- building --------------------------------------------------------- */
+
+static const uint8_t v4mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+
+/* dst expressed in src's family (see proxy.h). src is AF_INET or AF_INET6. */
+static struct net_addr dst_as(const struct net_addr *src, const struct net_addr *dst)
+{
+    struct net_addr d = { .family = src->family, .port = dst->port };
+
+    if (dst->family == src->family) {
+        memcpy(d.ip, dst->ip, sizeof(d.ip));
+    } else if (src->family == AF_INET6 && dst->family == AF_INET) {
+        memcpy(d.ip, v4mapped, sizeof(v4mapped));
+        memcpy(d.ip + 12, dst->ip, 4);
+    } else if (src->family == AF_INET && dst->family == AF_INET6 &&
+               memcmp(dst->ip, v4mapped, sizeof(v4mapped)) == 0) {
+        memcpy(d.ip, dst->ip + 12, 4);
+    }
+    return d;   /* otherwise the zero address, dst's port */
+}
+
+static bool has_ip(const struct net_addr *a)
+{
+    return a->family == AF_INET || a->family == AF_INET6;
+}
+
+size_t pp_build_v1(const struct net_addr *src, const struct net_addr *dst,
+                   uint8_t *out, size_t cap)
+{
+    char s[INET6_ADDRSTRLEN], d[INET6_ADDRSTRLEN];
+    struct net_addr da;
+    int n;
+
+    if (!has_ip(src)) {
+        n = snprintf((char *)out, cap, "PROXY UNKNOWN\r\n");
+    } else {
+        da = dst_as(src, dst);
+        if (inet_ntop(src->family, src->ip, s, sizeof(s)) == NULL ||
+            inet_ntop(da.family, da.ip, d, sizeof(d)) == NULL)
+            return 0;
+        n = snprintf((char *)out, cap, "PROXY %s %s %s %u %u\r\n",
+                     src->family == AF_INET ? "TCP4" : "TCP6", s, d,
+                     (unsigned)src->port, (unsigned)da.port);
+    }
+    /* snprintf wrote a NUL too; the header is the n bytes before it. */
+    return n > 0 && (size_t)n < cap ? (size_t)n : 0;
+}
+
+size_t pp_build_v2(const struct net_addr *src, const struct net_addr *dst,
+                   uint8_t *out, size_t cap)
+{
+    size_t alen = src->family == AF_INET ? 4 : 16;
+    size_t blen = has_ip(src) ? 2 * alen + 4 : 0;
+    struct net_addr da;
+    uint8_t *p = out + V2_FIXED;
+
+    if (cap < V2_FIXED + blen)
+        return 0;
+    memcpy(out, v2_sig, sizeof(v2_sig));
+    out[12] = has_ip(src) ? 0x21 : 0x20;      /* version 2, PROXY / LOCAL */
+    out[13] = !has_ip(src) ? 0x00 : src->family == AF_INET ? 0x11 : 0x21;
+    out[14] = (uint8_t)(blen >> 8);
+    out[15] = (uint8_t)blen;
+    if (blen == 0)
+        return V2_FIXED;
+    da = dst_as(src, dst);
+    memcpy(p, src->ip, alen);
+    memcpy(p + alen, da.ip, alen);
+    p += 2 * alen;
+    p[0] = (uint8_t)(src->port >> 8);
+    p[1] = (uint8_t)src->port;
+    p[2] = (uint8_t)(da.port >> 8);
+    p[3] = (uint8_t)da.port;
+    return V2_FIXED + blen;
 }

@@ -112,4 +112,31 @@ enum pp_res pp_parse_max(const uint8_t *buf, size_t len, size_t max,
  * counter names and log keys; "unknown" for out-of-range values. */
 const char *pp_reason_name(enum pp_reason reason);
 
+/* ---- building headers (the client, toward its endpoint) ---------------
+ *
+ * pp_build_v1() / pp_build_v2() write the header that tells an endpoint
+ * who the caller is: src = the caller address from NEW, dst = the
+ * endpoint address connected to (ports as in the structs; NEW carries
+ * no caller port, so the source port is 0). The header's family follows
+ * src; a dst of the other family is converted: an IPv4 dst under an IPv6
+ * src becomes ::ffff:a.b.c.d, an IPv6 dst under an IPv4 src becomes its
+ * embedded IPv4 when v4-mapped, else 0.0.0.0 (with dst's port); an
+ * AF_UNSPEC dst is the zero address of src's family. An AF_UNSPEC src
+ * gives "PROXY UNKNOWN\r\n" (v1) or a LOCAL header with no address
+ * block (v2), which tell the endpoint to use the connection's own peer.
+ *
+ *   v1: "PROXY TCP4 1.2.3.4 5.6.7.8 0 443\r\n"   (<= PP_V1_MAX bytes)
+ *   v2: sig(12) 21 11 000c src(4) dst(4) sport(2) dport(2)   (28 bytes)
+ *       sig(12) 21 21 0024 src(16) dst(16) sport(2) dport(2) (52 bytes)
+ *
+ * Every header built is accepted by pp_parse() with source = src (minus
+ * the port). Return the header length, or 0 when cap is too small (out
+ * is then left unspecified). PP_BUILD_MAX bytes always suffice. */
+#define PP_BUILD_MAX PP_V1_MAX
+
+size_t pp_build_v1(const struct net_addr *src, const struct net_addr *dst,
+                   uint8_t *out, size_t cap);
+size_t pp_build_v2(const struct net_addr *src, const struct net_addr *dst,
+                   uint8_t *out, size_t cap);
+
 #endif

@@ -8,7 +8,7 @@ pkgs=(
   build-essential cmake pkg-config clang libclang-rt-dev
   libssl-dev openssl liburing-dev libjemalloc-dev liburcu-dev libjansson-dev
   libcriterion-dev libmicrohttpd-dev
-  python3 python3-cryptography
+  python3 python3-cryptography python3-yaml systemd
   curl iproute2 procps
 )
 if [ "${1:-}" = "--bench" ]; then

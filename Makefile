@@ -5,14 +5,18 @@
 #   make test       install deps, build, run every test through ctest
 #   make asan       the same tests on an ASan+UBSan build (build-asan/)
 #   make fuzz       short smoke of every libFuzzer target (build-fuzz/)
+#   make demo       gateway + client + HTTPS endpoint on loopback, one page
+#                   fetched through the tunnel by SNI, everything stopped
+#   make bench      the benchmark suite (bench/run; about 10 minutes)
 #   make clean
 
+MAKEFLAGS  += --no-print-directory
 BUILD      ?= build
 JOBS       ?= $(shell nproc)
 FUZZ_SECONDS ?= 20
 CTEST_ARGS ?=
 
-.PHONY: all deps build test asan fuzz clean
+.PHONY: all deps build test asan fuzz demo bench bench-quick clean
 
 all: build
 
@@ -38,6 +42,15 @@ fuzz: deps
 	  -DSNITUN_FUZZ=ON >/dev/null
 	@cmake --build build-fuzz -j $(JOBS)
 	@./tests/fuzz/smoke.sh build-fuzz $(FUZZ_SECONDS)
+
+demo: build
+	@./deploy/demo.sh $(BUILD)
+
+bench:
+	@./bench/run --build $(BUILD) $(BENCH_ARGS)
+
+bench-quick:
+	@./bench/run --quick --build $(BUILD) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD) build-asan build-fuzz

@@ -425,6 +425,10 @@ static void on_accept(struct eng_op *op, int res)
     char a[ADDR_STRLEN];
 
     if (res >= 0) {
+        /* Both kinds of connection carry small interactive writes (a frame
+         * header, a TLS handshake flight); Nagle would hold them back for
+         * the peer's delayed ACK, 40 ms per channel open on loopback. */
+        sock_nodelay(res, true);
         gw_conn_start(sh, l->cfg->kind, res, eng_accept_peer(op));
         return;
     }

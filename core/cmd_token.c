@@ -28,7 +28,7 @@
 
 /* The two key flags shared by issue and inspect (first two rows). */
 #define KEY_SPECS                                                           \
-    { "fernet-key", NULL, OPT_LIST, "KEY",                  \
+    { "fernet-key", "SNITUN_FERNET_KEYS", OPT_LIST, "KEY",                  \
       "Fernet key (44 characters of URL-safe base64); order matters", NULL, \
       0, 0 },                                                               \
     { "fernet-keys-file", NULL, OPT_STR, "FILE",       \

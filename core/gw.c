@@ -664,7 +664,9 @@ static void post_all(struct gw *g, bool stop)
 
 static int admin_render(void *ctx, char **out, size_t *len)
 {
-    return metrics_render(ctx, out, len);
+    const struct gw *g = ctx;
+
+    return metrics_render(g->metrics, out, len);
 }
 
 static bool admin_ready(void *ctx)
@@ -676,12 +678,11 @@ static bool admin_ready(void *ctx)
 
 static int admin_up(struct gw *g)
 {
-    struct admin_cb cb = { .render = admin_render, .ready = admin_ready, .ctx = g->metrics };
+    struct admin_cb cb = { .render = admin_render, .ready = admin_ready, .ctx = g };
     char err[256], a[ADDR_STRLEN];
 
     if (g->cfg->admin == NULL)
         return 0;
-    cb.ctx = g->metrics;
     g->admin = admin_start(g->cfg->admin, &cb, err, sizeof(err));
     if (g->admin == NULL) {
         log_msg(LOG_ERROR, "admin listener failed", "error", err, NULL);

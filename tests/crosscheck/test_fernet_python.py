@@ -154,7 +154,7 @@ def test_keys_sources():
         out = issue([], "--fernet-keys-file", path, "--hostname", "f.example")
         Fernet(k2).decrypt(out["token"].encode())
         check(True, "")
-        out = issue([], "--hostname", "e.example", env={"SNITUN_FERNET_KEY": f"{k1},{k2}"})
+        out = issue([], "--hostname", "e.example", env={"SNITUN_FERNET_KEYS": f"{k1},{k2}"})
         Fernet(k1).decrypt(out["token"].encode())
         out = issue([], "--hostname", "e.example", env={"SNITUN_FERNET_KEYS_FILE": path})
         Fernet(k2).decrypt(out["token"].encode())

@@ -71,7 +71,11 @@ struct client {
     struct signalfd_siginfo si;
     struct client_stats st;
     struct admin *admin;
+    struct timer fold_timer;          /* mux counters -> metrics, every second */
+    struct mux_stats folded;          /* of cl->mux, as last added */
 };
+
+#define FOLD_MS 1000
 
 /* ---- small helpers ------------------------------------------------------- */
 
@@ -109,6 +113,8 @@ static const char *tunnel_label(enum mux_reason why)
     case MUX_R_QUEUE_LIMIT: return "overflow";
     case MUX_R_REPLACED: return "replaced";
     case MUX_R_SHUTDOWN: return "shutdown";
+    case MUX_R_TUNNEL_IDLE: return "idle";
+    case MUX_R_EXPIRED: return "expired";
     default: return "other";
     }
 }
@@ -126,6 +132,7 @@ static void finish(struct client *cl)
     if (cl->mux != NULL || cl->busy != NULL || cl->chans.npending > 0)
         return;
     eng_timer_del(cl->eng, &cl->timer);
+    eng_timer_del(cl->eng, &cl->fold_timer);
     cl->state = ST_STOPPED;
     eng_stop(cl->eng);
 }
@@ -220,19 +227,42 @@ static void hk_pong(void *ctx, struct mux *m)
             "ms", LOG_U64(eng_now(cl->eng) - cl->t_start), NULL);
 }
 
+/* Add what the mux counted since the last fold (it keeps plain totals per
+ * tunnel; the metrics must move while the tunnel lives). */
+static void fold(struct client *cl, const struct mux_stats *s)
+{
+    struct metrics *mt = cl->metrics;
+    struct mux_stats *f = &cl->folded;
+
+    metrics_inc_label(mt, 0, METRIC_CLIENT_BYTES, METRICS_TUNNEL_TO_ENDPOINT,
+                      s->bytes_to_local - f->bytes_to_local);
+    metrics_inc_label(mt, 0, METRIC_CLIENT_BYTES, METRICS_ENDPOINT_TO_TUNNEL,
+                      s->bytes_from_local - f->bytes_from_local);
+    /* mux_flow_index() and enum metrics_frame share their order */
+    for (unsigned i = 0; i <= METRICS_FRAME_UNKNOWN; i++) {
+        metrics_inc_label(mt, 0, METRIC_FRAMES_RECEIVED, i, s->frames_in[i] - f->frames_in[i]);
+        metrics_inc_label(mt, 0, METRIC_FRAMES_SENT, i, s->frames_out[i] - f->frames_out[i]);
+    }
+    metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_UNKNOWN_ID,
+                      s->dropped_unknown_id - f->dropped_unknown_id);
+    metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
+                      s->bad_new - f->bad_new);
+    *f = *s;
+}
+
+static void fold_cb(struct timer *t)
+{
+    struct client *cl = caa_container_of(t, struct client, fold_timer);
+
+    if (cl->mux != NULL)
+        fold(cl, mux_stats(cl->mux));
+    eng_timer_add(cl->eng, &cl->fold_timer, FOLD_MS);
+}
+
 static void account(struct client *cl, const struct mux *m, enum mux_reason why)
 {
-    const struct mux_stats *s = mux_stats(m);
-
     metrics_inc_reason(cl->metrics, 0, METRIC_TUNNEL_CLOSES, tunnel_label(why), 1);
-    metrics_inc_label(cl->metrics, 0, METRIC_CLIENT_BYTES, METRICS_TUNNEL_TO_ENDPOINT,
-                      s->bytes_to_local);
-    metrics_inc_label(cl->metrics, 0, METRIC_CLIENT_BYTES, METRICS_ENDPOINT_TO_TUNNEL,
-                      s->bytes_from_local);
-    for (unsigned i = 0; i < 7; i++) {
-        metrics_inc_label(cl->metrics, 0, METRIC_FRAMES_RECEIVED, i, s->frames_in[i]);
-        metrics_inc_label(cl->metrics, 0, METRIC_FRAMES_SENT, i, s->frames_out[i]);
-    }
+    fold(cl, mux_stats(m));
     metrics_gauge_set(cl->metrics, 0, METRIC_CLIENT_CONNECTED, 0, 0);
 }
 
@@ -280,6 +310,7 @@ static void start_mux(struct client *cl)
     }
     cl->fd = -1;               /* the mux owns them now */
     cl->seal = cl->open = NULL;
+    memset(&cl->folded, 0, sizeof(cl->folded));
     cl->st.handshakes++;
     /* PROTOCOL.md 6.1: a PING right after the answer; "connected" only
      * when its PONG proves that the gateway took the token and answer. */
@@ -605,6 +636,7 @@ struct client *client_new(const struct client_cfg *cfg, char *err, size_t errlen
     eng_op_init(&cl->wr, wr_cb);
     eng_op_init(&cl->sigop, sig_cb);
     timer_init(&cl->timer, timer_cb);
+    timer_init(&cl->fold_timer, fold_cb);
     return cl;
 fail:
     client_free(cl);
@@ -639,7 +671,7 @@ static bool admin_ready(void *ctx)
 static int admin_up(struct client *cl)
 {
     struct admin_cb cb = { .render = admin_render, .ready = admin_ready, .ctx = cl->metrics };
-    char err[256], a[ADDR_STRLEN];
+    char err[256];
 
     if (cl->cfg.admin == NULL)
         return 0;
@@ -648,9 +680,46 @@ static int admin_up(struct client *cl)
         log_msg(LOG_ERROR, "admin listener failed", "error", err, NULL);
         return -1;
     }
-    log_msg(LOG_INFO, "admin listening", "addr", addr_format(cl->cfg.admin, a, sizeof(a)),
-            "port", LOG_U64(admin_port(cl->admin)), NULL);
     return 0;
+}
+
+static const char *source_name(const struct tokensrc *ts)
+{
+    switch (ts->kind) {
+    case TOKENSRC_ARGS: return "args";
+    case TOKENSRC_FILE: return "file";
+    case TOKENSRC_COMMAND: return "command";
+    default: return "?";
+    }
+}
+
+/* The one start-up line: the configuration, never the token, its key or
+ * the token command (it may carry credentials). */
+static void log_start(struct client *cl)
+{
+    const struct client_cfg *c = &cl->cfg;
+    const struct tokensrc_over *ov = &c->tokens->over;
+    char admin[ADDR_STRLEN + 8] = "off", a[ADDR_STRLEN];
+
+    if (cl->admin != NULL)
+        snprintf(admin, sizeof(admin), "%s:%u", addr_ntop(c->admin, a, sizeof(a)),
+                 admin_port(cl->admin));
+    log_msg(LOG_INFO, "snitun client starting", "version", SNITUN_VERSION,
+            "engine", eng_name(cl->eng), "server", cl->gw.text,
+            "endpoint", cl->chans.endpoint.text, "routes", LOG_U64(cl->chans.nroutes),
+            "token_source", source_name(c->tokens),
+            "token_file", c->tokens->kind == TOKENSRC_FILE ? c->tokens->path : "-",
+            "protocol", ov->has_version ? LOG_U64(ov->version) : "token",
+            "cipher", ov->has_cipher ? tc_kind_name(ov->cipher) : "token",
+            "acl", c->acl != NULL ? "on" : "off",
+            "endpoint_proxy_protocol", c->endpoint_pp == 0 ? "none"
+                                       : c->endpoint_pp == 1 ? "v1" : "v2",
+            "connect_timeout", LOG_U64(c->connect_timeout_ms / 1000),
+            "endpoint_timeout", LOG_U64(c->endpoint_timeout_ms / 1000),
+            "backoff_min", LOG_U64(c->backoff_min_ms / 1000),
+            "backoff_max", LOG_U64(c->backoff_max_ms / 1000),
+            "ping_interval", LOG_U64(c->ping_ms / 1000),
+            "pong_timeout", LOG_U64(c->pong_ms / 1000), "admin", admin, NULL);
 }
 
 /* After the last hook: let every op still in flight call back (io_uring
@@ -691,10 +760,10 @@ int client_run(struct client *cl)
     metrics_gauge_set(cl->metrics, 0, METRIC_ENGINE_INFO,
                       eng_kind(cl->eng) == ENG_URING ? METRICS_ENGINE_URING
                                                      : METRICS_ENGINE_EPOLL, 1);
-    log_msg(LOG_INFO, "snitun client starting", "version", SNITUN_VERSION,
-            "server", cl->gw.text, "endpoint", cl->chans.endpoint.text,
-            "routes", LOG_U64(cl->chans.nroutes), "engine", eng_name(cl->eng), NULL);
+    metrics_gauge_set(cl->metrics, 0, METRIC_SHARDS, 0, 1);
+    log_start(cl);
     client_chan_resolve_all(&cl->chans);
+    eng_timer_add(cl->eng, &cl->fold_timer, FOLD_MS);
     eng_read(cl->eng, &cl->sigop, cl->sigfd, &cl->si, sizeof(cl->si));
     cl->state = ST_BACKOFF;
     eng_timer_add(cl->eng, &cl->timer, 0);

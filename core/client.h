@@ -42,7 +42,11 @@
  * no tunnel is up, so no channel waits for them.
  *
  * Admin listener (optional, io/admin.h): /metrics renders the client's
- * counters, /readyz is 200 only while a tunnel is proven (UP).
+ * counters (the tunnel's own mux counters, bytes and frames, are added
+ * every second while it is up, so /metrics is at most ~1 s behind),
+ * /readyz is 200 only while a tunnel is proven (UP). One start-up line
+ * ("snitun client starting") states the configuration, never the token,
+ * its key or the token command.
  *
  * Ownership: client_new copies the configuration it needs; cfg->tokens
  * and cfg->acl are borrowed for the client's lifetime. One engine, one

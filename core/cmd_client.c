@@ -2,7 +2,8 @@
  * client_run (core/client.h).
  *
  * Exit status: 0 after SIGINT/SIGTERM, 1 when the engine cannot start,
- * 2 for a usage error (the message names the flag). Runtime failures
+ * 2 for a usage error (the message names the flag). `snitun client
+ * --version` prints the version. Runtime failures
  * (gateway unreachable, token refused, endpoint down) are logged and
  * retried, never fatal.
  */
@@ -70,9 +71,11 @@ static const struct opt_spec client_specs[] = {
       "I/O engine; the client runs one engine on one thread", "auto", 0, 0 },
     { "admin-listen", "SNITUN_CLIENT_ADMIN_LISTEN", OPT_STR, "ADDR:PORT",
       "serve /metrics, /healthz and /readyz (ready while the tunnel is up) here; loopback "
-      "only unless --admin-allow-remote (default: off)", NULL, 0, 0 },
-    { "admin-allow-remote", "SNITUN_CLIENT_ADMIN_ALLOW_REMOTE", OPT_FLAG, NULL,
+      "only unless --admin-public (default: off)", NULL, 0, 0 },
+    { "admin-public", "SNITUN_CLIENT_ADMIN_PUBLIC", OPT_FLAG, NULL,
       "allow a non-loopback --admin-listen address", "false", 0, 0 },
+    { "admin-allow-remote", "SNITUN_CLIENT_ADMIN_ALLOW_REMOTE", OPT_FLAG, NULL,
+      "same as --admin-public (older name)", "false", 0, 0 },
     { "log-level", "SNITUN_LOG_LEVEL", OPT_STR, "LEVEL", "error, warn, info or debug",
       "info", 0, 0 },
     { "log-format", "SNITUN_LOG_FORMAT", OPT_STR, "FORMAT", "logfmt or json", "logfmt", 0, 0 },
@@ -93,7 +96,8 @@ static const struct opt_cmd client_cmd = {
              "used for two connections, so aes-gcm needs a file or command that\n"
              "yields a fresh token. Prefer the environment variables for secrets:\n"
              "command-line arguments are visible to other local users.\n"
-             "One I/O engine on one thread: a single tunnel needs no more.",
+             "One I/O engine on one thread: a single tunnel needs no more.\n"
+             "SIGINT/SIGTERM close the tunnel and exit 0. --version prints the version.",
     .specs = client_specs,
     .nspecs = sizeof(client_specs) / sizeof(client_specs[0]),
 };
@@ -231,9 +235,10 @@ static int admin_from(const struct opt_res *res, struct net_addr *a, struct clie
     if (addr_parse(s, a, &why) != 0)
         return usage_err("--admin-listen must be IPv4:PORT or [IPv6]:PORT, got '%s' (%s)", s,
                          why);
-    if (!admin_addr_is_loopback(a) && !opt_on(res, "admin-allow-remote"))
+    if (!admin_addr_is_loopback(a) && !opt_on(res, "admin-public") &&
+        !opt_on(res, "admin-allow-remote"))
         return usage_err("--admin-listen %s is not a loopback address; add "
-                         "--admin-allow-remote to expose the metrics", s);
+                         "--admin-public to expose the metrics", s);
     cfg->admin = a;
     return -1;
 }
@@ -281,12 +286,29 @@ static int client_main(const struct opt_res *res, struct tokensrc *ts, struct ac
     return rc;
 }
 
+/* `snitun client --version`, before any flag is checked (no option, so
+ * no SNITUN_* variable can trigger it). Not after "--". */
+static bool want_version(int argc, char **argv)
+{
+    for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        if (!strcmp(argv[i], "--version")) {
+            printf("snitun %s\n", SNITUN_VERSION);
+            return true;
+        }
+    }
+    return false;
+}
+
 int cmd_client(int argc, char **argv)
 {
     struct opt_res res;
     struct tokensrc *ts;
     struct acl acl;
-    int rc = opt_parse_main(&client_cmd, argc, argv, &res);
+    int rc;
+
+    if (want_version(argc, argv))
+        return 0;
+    rc = opt_parse_main(&client_cmd, argc, argv, &res);
 
     if (rc >= 0)
         return rc;

@@ -1,9 +1,10 @@
 /* core/cmd_server.c - `snitun server`: flags -> struct gw_cfg -> gw_run().
  *
  * Every flag has an SNITUN_* environment variable (core/opt.h). Exit
- * status: 0 after a clean stop (SIGINT/SIGTERM), 1 when the gateway could
- * not start (address in use, unreadable keys file, engine refused), 2 on a
- * usage error naming the flag.
+ * status: 0 after a stop by SIGINT/SIGTERM (drained or not), 1 when the
+ * gateway could not start (address in use, unreadable keys file, engine
+ * refused, unknown --user), 2 on a usage error naming the flag.
+ * `snitun server --version` prints the version.
  *
  * Layouts (PROTOCOL.md 1.3): --listen addresses take both kinds of
  * connection and classify them by their first bytes (single port);
@@ -68,9 +69,16 @@ static const struct opt_spec server_specs[] = {
       "close a device connection without traffic for this long; 0 = never", "120", 0, 86400 },
     { "admin-listen", "SNITUN_ADMIN_LISTEN", OPT_STR, "ADDR:PORT",
       "serve /metrics, /healthz and /readyz here (loopback only unless "
-      "--admin-allow-remote; default: off)", NULL, 0, 0 },
-    { "admin-allow-remote", "SNITUN_ADMIN_ALLOW_REMOTE", OPT_FLAG, NULL,
+      "--admin-public; default: off)", NULL, 0, 0 },
+    { "admin-public", "SNITUN_ADMIN_PUBLIC", OPT_FLAG, NULL,
       "allow a non-loopback --admin-listen address", "false", 0, 0 },
+    { "admin-allow-remote", "SNITUN_ADMIN_ALLOW_REMOTE", OPT_FLAG, NULL,
+      "same as --admin-public (older name)", "false", 0, 0 },
+    { "drain-timeout", "SNITUN_DRAIN_TIMEOUT", OPT_INT, "SECONDS",
+      "on SIGTERM/SIGINT: stop accepting, let open channels finish for this long, then "
+      "close the rest", "30", 0, 3600 },
+    { "user", "SNITUN_USER", OPT_STR, "NAME",
+      "drop root to this user (and its group) once the listeners are bound", NULL, 0, 0 },
     { "log-level", "SNITUN_LOG_LEVEL", OPT_STR, "LEVEL", "error, warn, info or debug", "info",
       0, 0 },
     { "log-format", "SNITUN_LOG_FORMAT", OPT_STR, "FORMAT", "logfmt or json", "logfmt", 0, 0 },
@@ -83,8 +91,10 @@ static const struct opt_cmd server_cmd = {
     .prog = "snitun server",
     .about = "Run the gateway: accept device TLS connections, route them by SNI name over\n"
              "the encrypted tunnel of the client that registered the name, and accept\n"
-             "client tunnels (Fernet token + challenge). Signals: SIGINT/SIGTERM stop\n"
-             "cleanly, SIGHUP re-reads the Fernet keys, SIGUSR1 logs the counters.",
+             "client tunnels (Fernet token + challenge). Signals: SIGINT/SIGTERM drain\n"
+             "(listeners closed, open channels finish within --drain-timeout; a second\n"
+             "signal stops at once), SIGHUP re-reads the Fernet keys, SIGUSR1 logs the\n"
+             "counters. --version prints the version.",
     .specs = server_specs,
     .nspecs = sizeof(server_specs) / sizeof(server_specs[0]),
 };
@@ -154,9 +164,10 @@ static int admin_from(const struct opt_res *res, struct net_addr *a, struct gw_c
                 res->cmd->prog, s, why ? why : "invalid");
         return 2;
     }
-    if (!admin_addr_is_loopback(a) && !opt_on(res, "admin-allow-remote")) {
+    if (!admin_addr_is_loopback(a) && !opt_on(res, "admin-public") &&
+        !opt_on(res, "admin-allow-remote")) {
         fprintf(stderr, "%s: --admin-listen %s is not a loopback address; add "
-                "--admin-allow-remote to expose the metrics\n", res->cmd->prog, s);
+                "--admin-public to expose the metrics\n", res->cmd->prog, s);
         return 2;
     }
     cfg->admin = a;
@@ -219,7 +230,27 @@ static int build_cfg(const struct opt_res *res, struct gw_cfg *cfg, struct gw_li
     cfg->log_rate = (unsigned)opt_int(res, "log-rate");
     cfg->keys = opt_list(res, "fernet-key", &cfg->nkeys);
     cfg->keys_file = opt_str(res, "fernet-keys-file");
+    cfg->drain_ms = (uint32_t)opt_int(res, "drain-timeout") * 1000u;
+    cfg->user = opt_str(res, "user");
+    if (cfg->user != NULL && cfg->user[0] == '\0') {
+        fprintf(stderr, "%s: --user must name a user\n", prog);
+        return 2;
+    }
     return admin_from(res, admin, cfg);
+}
+
+/* `snitun server --version`: print it before any flag is checked (the
+ * option table has no --version, so its SNITUN_* variable cannot turn a
+ * deployment into a version print). Not after "--". */
+static bool want_version(int argc, char **argv)
+{
+    for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        if (!strcmp(argv[i], "--version")) {
+            printf("snitun %s\n", SNITUN_VERSION);
+            return true;
+        }
+    }
+    return false;
 }
 
 int cmd_server(int argc, char **argv)
@@ -231,7 +262,11 @@ int cmd_server(int argc, char **argv)
     struct gw *g;
     char err[512];
     bool usage = false;
-    int rc = opt_parse_main(&server_cmd, argc, argv, &res);
+    int rc;
+
+    if (want_version(argc, argv))
+        return 0;
+    rc = opt_parse_main(&server_cmd, argc, argv, &res);
 
     if (rc >= 0)
         return rc;

@@ -3,26 +3,41 @@
  * gw_conn.c; tunnels, routing and cross-shard handoff are gw_tunnel.c.
  *
  * Threads:
- *   main     opens the listening sockets, starts the shards (and the admin
- *            listener), then waits for signals (sigwaitinfo): INT/TERM
- *            post a stop message to every shard, HUP swaps the Fernet key
- *            list (RCU), USR1 asks every shard to log its counters.
+ *   main     opens the listening sockets and the admin listener, drops
+ *            privileges (--user), starts the shards, then waits for
+ *            signals (sigwaitinfo): INT/TERM start the drain (below), HUP
+ *            swaps the Fernet key list (RCU), USR1 asks every shard to log
+ *            its counters.
  *   shard i  registered QSBR reader; loop: quiescent state, one engine
  *            turn of at most GW_TURN_MS (so grace periods end even when
  *            the shard is idle).
  *
  * Messages between threads (io/mbox.h), all owned by the receiver:
- *   handoff, replace (gw_tunnel.c); stats (malloc'd by main); stop
- *   (embedded in the shard, posted once).
+ *   handoff, replace (gw_tunnel.c); stats (malloc'd by main); drain, stop
+ *   (embedded in the shard, each posted at most once, by main).
  *
- * Stop: listeners cancelled and closed, handshakes aborted, tunnels closed
- * (MUX_R_SHUTDOWN); once nothing is left (or after GW_DRAIN_MS) the loop
- * ends. The shards then meet (after that nobody posts any more), free
- * their engine and drain their mailbox (fds in late handoffs are closed).
+ * Drain and stop, per shard:
+ *
+ *   serving --drain msg--> DRAINING --no listener, handshake or channel
+ *      |                      |       left (gw_shard_check_drained)--+
+ *      |                      +--stop msg (deadline, 2nd signal)-----+
+ *      +--stop msg (engine failure)----------------------------------+
+ *                                                                    v
+ *   STOPPING: tunnels closed (MUX_R_SHUTDOWN) --nothing left, or GW_STOP_MS--> loop ends
+ *
+ *   DRAINING: listeners cancelled and closed (the kernel refuses new
+ *   connections), handshakes aborted, handoffs refused; tunnels and their
+ *   open channels go on. main holds the deadline (--drain-timeout): it
+ *   polls every DRAIN_POLL_MS until every shard loop has ended, posting
+ *   "stop" at the deadline or on a second SIGINT/SIGTERM.
+ * The shards then meet (after that nobody posts any more), free their
+ * engine and drain their mailbox (fds in late handoffs are closed).
  */
 #include "core/gw_impl.h"
 
 #include <errno.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -34,7 +49,12 @@
 #include "io/sock.h"
 
 #define GW_TURN_MS 1000
-#define GW_DRAIN_MS 10000
+#define GW_STOP_MS 10000      /* stopping: longest wait for the muxes to go */
+#define GW_FOLD_MS 1000       /* mux counters -> metrics */
+#define GW_LINGER_MS 200      /* drained: the last CLOSE frames leave first */
+#define GW_SETTLE_MS 1000     /* stopped: longest wait for the muxes' frees */
+#define GW_SETTLE_POLL_MS 20
+#define DRAIN_POLL_MS 50      /* main: how often it looks at the shards */
 
 /* ---- names ------------------------------------------------------------------ */
 
@@ -55,6 +75,7 @@ static const char *const rej_names[GW_REJ_COUNT] = {
     [GW_REJ_CHALLENGE] = "bad_answer",
     [GW_REJ_NOMEM] = "no_memory",
     [GW_REJ_STOPPING] = "stopping",
+    [GW_REJ_GCM_REUSED] = "gcm_key_reused",
 };
 
 static const char *const stage_names[GW_ST_COUNT] = {
@@ -102,6 +123,7 @@ void gw_cfg_defaults(struct gw_cfg *cfg)
         .tunnel_idle_ms = 120000,
         .chan_idle_ms = 120000,
         .log_rate = 100,
+        .drain_ms = 30000,
     };
 }
 
@@ -242,6 +264,27 @@ static int shards_new(struct gw *g)
     return 0;
 }
 
+/* --user: the ids to switch to, looked up now (before any thread, while
+ * /etc/passwd is certainly readable). */
+static int user_lookup(struct gw *g, char *err, size_t errlen)
+{
+    const struct passwd *pw;
+
+    if (g->cfg->user == NULL)
+        return 0;
+    errno = 0;
+    pw = getpwnam(g->cfg->user);
+    if (pw == NULL) {
+        snprintf(err, errlen, "--user %s: %s", g->cfg->user,
+                 errno != 0 ? strerror(errno) : "no such user");
+        return -1;
+    }
+    g->uid = pw->pw_uid;
+    g->gid = pw->pw_gid;
+    g->drop_priv = true;
+    return 0;
+}
+
 struct gw *gw_new(const struct gw_cfg *cfg, char *err, size_t errlen, bool *usage)
 {
     struct gw *g;
@@ -263,11 +306,16 @@ struct gw *gw_new(const struct gw_cfg *cfg, char *err, size_t errlen, bool *usag
     atomic_init(&g->fatal, false);
     atomic_init(&g->start_failed, false);
     atomic_init(&g->ready, false);
+    atomic_init(&g->shards_done, 0);
+    gw_seen_init(&g->seen);
+    g->main_slot = g->nshards;
+    if (user_lookup(g, err, errlen) != 0)
+        goto fail;
     g->keys = keys_build(cfg, err, errlen, usage);
     if (g->keys == NULL)
         goto fail;
     g->tab = hosttab_new();
-    g->metrics = metrics_new(g->nshards, METRICS_SERVER);
+    g->metrics = metrics_new(g->nshards + 1, METRICS_SERVER);
     if (g->tab == NULL || g->metrics == NULL || shards_new(g) != 0) {
         snprintf(err, errlen, "out of memory (hostname table, metrics or shards)");
         goto fail;
@@ -296,6 +344,7 @@ void gw_free(struct gw *g)
     hosttab_free(g->tab);
     metrics_free(g->metrics);
     keys_free(g->keys);
+    gw_seen_fini(&g->seen);
     free(g);
 }
 
@@ -442,7 +491,7 @@ static void on_accept(struct eng_op *op, int res)
         return;
     }
     l->armed = false;
-    if (!sh->stopping)
+    if (!sh->draining)
         log_msg(LOG_ERROR, "listener failed", "shard", LOG_U64(sh->idx), "listen", a, "error",
                 strerror(-res), NULL);
     eng_close(sh->eng, l->fd);
@@ -462,14 +511,61 @@ static void listeners_start(struct gw_shard *sh)
     }
 }
 
-/* ---- stopping ------------------------------------------------------------------- */
+/* ---- drain and stop -------------------------------------------------------------- */
+
+static void on_stop_timeout(struct timer *t)
+{
+    struct gw_shard *sh = caa_container_of(t, struct gw_shard, stop_timer);
+
+    log_msg(LOG_WARN, "stop forced with objects left", "shard", LOG_U64(sh->idx), "listeners",
+            LOG_U64(sh->nlsn_open), "handshakes", LOG_U64(sh->nconns), "tunnels",
+            LOG_U64(sh->ntunnels), "channels", LOG_U64(sh->nchans), NULL);
+    eng_stop(sh->eng);
+}
+
+/* Listeners and handshakes go; what is routed already stays. */
+static void shard_quiesce(struct gw_shard *sh)
+{
+    struct gw_conn *c, *cn;
+
+    for (size_t i = 0; i < sh->gw->cfg->nlisten; i++)
+        if (sh->lsn[i].armed)
+            eng_cancel(&sh->lsn[i].op);
+    cds_list_for_each_entry_safe(c, cn, &sh->conns, link)
+        gw_conn_abort(c, GW_REJ_STOPPING);
+}
+
+static void shard_stop(struct gw_shard *sh)
+{
+    struct gw_tunnel *t, *tn;
+
+    if (sh->stopping)
+        return;
+    sh->draining = sh->stopping = true;
+    eng_timer_del(sh->eng, &sh->linger_timer);
+    eng_timer_add(sh->eng, &sh->stop_timer, GW_STOP_MS);
+    shard_quiesce(sh);
+    cds_list_for_each_entry_safe(t, tn, &sh->tunnels, link)
+        mux_close(t->mux, MUX_R_SHUTDOWN);
+    gw_shard_check_drained(sh);
+}
 
 static void drained_cb(struct eng_defer *d)
 {
     struct gw_shard *sh = caa_container_of(d, struct gw_shard, drain_d);
 
-    if (sh->nlsn_open == 0 && sh->nconns == 0 && sh->ntunnels == 0) {
-        eng_timer_del(sh->eng, &sh->drain_timer);
+    if (sh->nlsn_open != 0 || sh->nconns != 0)
+        return;
+    if (!sh->stopping) {
+        /* Every channel finished: the tunnels may go, once the frames of
+         * this turn (the last CLOSE) are written: mux_close() cuts a send
+         * still in flight. */
+        if (sh->nchans == 0 && !timer_armed(&sh->linger_timer))
+            eng_timer_add(sh->eng, &sh->linger_timer, GW_LINGER_MS);
+        return;
+    }
+    if (sh->ntunnels == 0) {
+        eng_timer_del(sh->eng, &sh->stop_timer);
         eng_stop(sh->eng);
     }
 }
@@ -477,39 +573,42 @@ static void drained_cb(struct eng_defer *d)
 void gw_shard_check_drained(struct gw_shard *sh)
 {
     /* At the end of the turn, after the frees this turn queued. */
-    if (sh->stopping)
+    if (sh->draining)
         eng_defer(sh->eng, &sh->drain_d, drained_cb);
 }
 
-static void on_drain_timeout(struct timer *t)
+static void on_linger(struct timer *t)
 {
-    struct gw_shard *sh = caa_container_of(t, struct gw_shard, drain_timer);
+    shard_stop(caa_container_of(t, struct gw_shard, linger_timer));
+}
 
-    log_msg(LOG_WARN, "stop forced with objects left", "shard", LOG_U64(sh->idx), "listeners",
-            LOG_U64(sh->nlsn_open), "handshakes", LOG_U64(sh->nconns), "tunnels",
-            LOG_U64(sh->ntunnels), NULL);
-    eng_stop(sh->eng);
+static void on_drain_msg(struct mbox_msg *msg)
+{
+    struct gw_shard *sh = caa_container_of(msg, struct gw_shard, drain_msg);
+
+    if (sh->finalizing || sh->draining)
+        return;
+    sh->draining = true;
+    log_msg(LOG_DEBUG, "shard draining", "shard", LOG_U64(sh->idx), "tunnels",
+            LOG_U64(sh->ntunnels), "channels", LOG_U64(sh->nchans), NULL);
+    shard_quiesce(sh);
+    gw_shard_check_drained(sh);
 }
 
 static void on_stop_msg(struct mbox_msg *msg)
 {
     struct gw_shard *sh = caa_container_of(msg, struct gw_shard, stop_msg);
-    struct gw_conn *c, *cn;
-    struct gw_tunnel *t, *tn;
 
-    if (sh->finalizing || sh->stopping)
-        return;
-    sh->stopping = true;
-    timer_init(&sh->drain_timer, on_drain_timeout);
-    eng_timer_add(sh->eng, &sh->drain_timer, GW_DRAIN_MS);
-    for (size_t i = 0; i < sh->gw->cfg->nlisten; i++)
-        if (sh->lsn[i].armed)
-            eng_cancel(&sh->lsn[i].op);
-    cds_list_for_each_entry_safe(c, cn, &sh->conns, link)
-        gw_conn_abort(c, GW_REJ_STOPPING);
-    cds_list_for_each_entry_safe(t, tn, &sh->tunnels, link)
-        mux_close(t->mux, MUX_R_SHUTDOWN);
-    gw_shard_check_drained(sh);
+    if (!sh->finalizing)
+        shard_stop(sh);
+}
+
+static void on_fold(struct timer *t)
+{
+    struct gw_shard *sh = caa_container_of(t, struct gw_shard, fold_timer);
+
+    gw_tunnel_fold_all(sh);
+    eng_timer_add(sh->eng, &sh->fold_timer, GW_FOLD_MS);
 }
 
 /* ---- shard threads ------------------------------------------------------------- */
@@ -575,9 +674,28 @@ static void shard_init(struct gw_shard *sh)
     sh->mbox_ok = true;
 }
 
+/* The muxes closed last free themselves once their cancelled ops have
+ * called back, a turn or a few after on_dead (core/mux.h): run turns until
+ * one passes with nothing to do, so that nothing is abandoned with the
+ * engine (bounded: a stop forced by GW_STOP_MS may leave ops behind). */
+static void shard_settle(struct gw_shard *sh)
+{
+    uint64_t end = timer_clock_ms() + GW_SETTLE_MS;
+
+    eng_timer_del(sh->eng, &sh->fold_timer);
+    eng_timer_del(sh->eng, &sh->stop_timer);
+    eng_timer_del(sh->eng, &sh->linger_timer);
+    while (timer_clock_ms() < end && eng_run_once(sh->eng, GW_SETTLE_POLL_MS) > 0)
+        rcu_quiescent_state();
+}
+
 static void shard_loop(struct gw_shard *sh)
 {
     listeners_start(sh);
+    timer_init(&sh->stop_timer, on_stop_timeout);
+    timer_init(&sh->linger_timer, on_linger);
+    timer_init(&sh->fold_timer, on_fold);
+    eng_timer_add(sh->eng, &sh->fold_timer, GW_FOLD_MS);
     while (!eng_stopped(sh->eng)) {
         int rc;
 
@@ -588,9 +706,10 @@ static void shard_loop(struct gw_shard *sh)
                     strerror(-rc), NULL);
             atomic_store(&sh->gw->fatal, true);
             pthread_kill(sh->gw->main_thread, SIGTERM);
-            break;
+            return;
         }
     }
+    shard_settle(sh);
 }
 
 static void *shard_main(void *arg)
@@ -607,6 +726,7 @@ static void *shard_main(void *arg)
     rcu_thread_online();
     if (!atomic_load(&g->start_failed))
         shard_loop(sh);
+    atomic_fetch_add(&g->shards_done, 1);
     rcu_thread_offline();
     /* Everyone is out of the loop before anyone frees: no more posts. */
     gate_arrive(g, &g->gate_out);
@@ -634,34 +754,53 @@ static void reload_keys(struct gw *g)
     struct gw_keys *k = keys_build(g->cfg, err, sizeof(err), &usage), *old;
 
     if (k == NULL) {
-        log_msg(LOG_ERROR, "Fernet keys not reloaded, keeping the old ones", "error", err, NULL);
+        metrics_inc_label(g->metrics, g->main_slot, METRIC_KEY_RELOADS, METRICS_RELOAD_ERROR, 1);
+        log_msg(LOG_ERROR, "Fernet keys not reloaded, keeping the old ones", "error", err,
+                "keys", LOG_U64(g->keys->ks.n), NULL);
         return;
     }
     old = rcu_xchg_pointer(&g->keys, k);
     /* The main thread is no reader: it may wait for a grace period. */
     synchronize_rcu();
+    metrics_inc_label(g->metrics, g->main_slot, METRIC_KEY_RELOADS, METRICS_RELOAD_OK, 1);
+    metrics_gauge_set(g->metrics, g->main_slot, METRIC_FERNET_KEYS, 0, (int64_t)k->ks.n);
     log_msg(LOG_INFO, "Fernet keys reloaded", "keys", LOG_U64(k->ks.n), NULL);
     keys_free(old);
 }
 
-static void post_all(struct gw *g, bool stop)
+static void post_stats(struct gw *g)
 {
     for (unsigned s = 0; s < g->nthreads; s++) {
-        struct gw_shard *sh = &g->shards[s];
-        struct gw_stats_msg *m;
+        struct gw_stats_msg *m = malloc(sizeof(*m));
 
-        if (stop) {
-            mbox_post(&sh->mbox, &sh->stop_msg, on_stop_msg);
-            continue;
-        }
-        m = malloc(sizeof(*m));
         if (m == NULL)
             continue;
-        m->to = sh;
-        mbox_post(&sh->mbox, &m->msg, on_stats_msg);
+        m->to = &g->shards[s];
+        mbox_post(&g->shards[s].mbox, &m->msg, on_stats_msg);
     }
 }
 
+/* The embedded drain/stop messages: each goes out once at most. */
+static void post_drain(struct gw *g)
+{
+    if (g->drain_posted)
+        return;
+    g->drain_posted = true;
+    for (unsigned s = 0; s < g->nthreads; s++)
+        mbox_post(&g->shards[s].mbox, &g->shards[s].drain_msg, on_drain_msg);
+}
+
+static void post_stop(struct gw *g)
+{
+    if (g->stop_posted)
+        return;
+    g->stop_posted = true;
+    for (unsigned s = 0; s < g->nthreads; s++)
+        mbox_post(&g->shards[s].mbox, &g->shards[s].stop_msg, on_stop_msg);
+}
+
+/* Admin callbacks, on libmicrohttpd's thread: both read only what is safe
+ * to read from any thread (the metrics, an atomic flag). */
 static int admin_render(void *ctx, char **out, size_t *len)
 {
     const struct gw *g = ctx;
@@ -679,7 +818,7 @@ static bool admin_ready(void *ctx)
 static int admin_up(struct gw *g)
 {
     struct admin_cb cb = { .render = admin_render, .ready = admin_ready, .ctx = g };
-    char err[256], a[ADDR_STRLEN];
+    char err[256];
 
     if (g->cfg->admin == NULL)
         return 0;
@@ -688,54 +827,174 @@ static int admin_up(struct gw *g)
         log_msg(LOG_ERROR, "admin listener failed", "error", err, NULL);
         return -1;
     }
-    log_msg(LOG_INFO, "admin listening", "addr", addr_format(g->cfg->admin, a, sizeof(a)),
-            "port", LOG_U64(admin_port(g->admin)), NULL);
     return 0;
 }
 
+/* --user: after every socket is bound (the listeners in gw_new, the admin
+ * listener), before any shard runs. setgroups first, setuid last: each
+ * step needs the privilege the next one drops. glibc applies them to every
+ * thread of the process (the admin thread exists already). */
+static int drop_privileges(struct gw *g)
+{
+    const char *user = g->cfg->user;
+
+    if (!g->drop_priv)
+        return 0;
+    if (geteuid() != 0) {
+        log_msg(LOG_WARN, "--user ignored: not running as root, no privileges to drop", "user",
+                user, "uid", LOG_U64(geteuid()), NULL);
+        return 0;
+    }
+    if (setgroups(1, &g->gid) != 0 || setgid(g->gid) != 0 || setuid(g->uid) != 0) {
+        log_msg(LOG_ERROR, "cannot drop privileges", "user", user, "error", strerror(errno),
+                NULL);
+        return -1;
+    }
+    if (g->uid != 0 && setuid(0) == 0) {
+        log_msg(LOG_ERROR, "privileges not dropped: setuid(0) still works", "user", user, NULL);
+        return -1;
+    }
+    log_msg(LOG_INFO, "privileges dropped", "user", user, "uid", LOG_U64(g->uid), "gid",
+            LOG_U64(g->gid), NULL);
+    return 0;
+}
+
+/* "single:127.0.0.1:443,peer:[::1]:8443" for the start-up line (heap). */
+static char *listen_text(const struct gw_cfg *cfg)
+{
+    size_t cap = cfg->nlisten * (ADDR_STRLEN + 8) + 1, n = 0;
+    char *s = malloc(cap), a[ADDR_STRLEN];
+
+    if (s == NULL)
+        return NULL;
+    s[0] = '\0';
+    for (size_t i = 0; i < cfg->nlisten && n < cap; i++)
+        n += (size_t)snprintf(s + n, cap - n, "%s%s:%s", i > 0 ? "," : "",
+                              kind_name(cfg->listen[i].kind),
+                              addr_format(&cfg->listen[i].addr, a, sizeof(a)));
+    return s;
+}
+
+/* The one start-up line: the whole configuration that matters to an
+ * operator, never a key (only their count). Also sets the process-wide
+ * gauges. */
 static void log_start(struct gw *g)
 {
     const struct gw_cfg *cfg = g->cfg;
-    char a[ADDR_STRLEN];
+    const struct eng *e = g->shards[0].eng;
+    char admin[ADDR_STRLEN + 8] = "off", a[ADDR_STRLEN];
+    char *listen = listen_text(cfg);
 
-    for (size_t i = 0; i < cfg->nlisten; i++)
-        log_msg(LOG_INFO, "listening", "kind", kind_name(cfg->listen[i].kind), "addr",
-                addr_format(&cfg->listen[i].addr, a, sizeof(a)), "proxy_protocol",
-                cfg->proxy_protocol && cfg->listen[i].kind != GW_L_PEER ? "on" : "off", NULL);
-    for (unsigned s = 0; s < g->nshards; s++) {
-        struct eng *e = g->shards[s].eng;
-        if (s != 0 && eng_kind(e) == eng_kind(g->shards[0].eng))
-            continue;
-        /* eng_new() logs "io engine" with the reason itself */
-        metrics_gauge_set(g->metrics, 0, METRIC_ENGINE_INFO,
-                          eng_kind(e) == ENG_URING ? METRICS_ENGINE_URING : METRICS_ENGINE_EPOLL,
-                          1);
-    }
-    metrics_gauge_set(g->metrics, 0, METRIC_SHARDS, 0, g->nshards);
-    log_msg(LOG_INFO, "gateway started", "version", SNITUN_VERSION, "threads",
-            LOG_U64(g->nshards), "keys", LOG_U64(g->keys->ks.n), NULL);
+    if (g->admin != NULL)
+        snprintf(admin, sizeof(admin), "%s:%u", addr_ntop(cfg->admin, a, sizeof(a)),
+                 admin_port(g->admin));
+    /* every shard asked for the same kind; eng_new() logged each one's reason */
+    metrics_gauge_set(g->metrics, g->main_slot, METRIC_ENGINE_INFO,
+                      eng_kind(e) == ENG_URING ? METRICS_ENGINE_URING : METRICS_ENGINE_EPOLL, 1);
+    metrics_gauge_set(g->metrics, g->main_slot, METRIC_SHARDS, 0, g->nshards);
+    metrics_gauge_set(g->metrics, g->main_slot, METRIC_FERNET_KEYS, 0, (int64_t)g->keys->ks.n);
+    log_msg(LOG_INFO, "gateway started", "version", SNITUN_VERSION, "engine", eng_name(e),
+            "threads", LOG_U64(g->nshards), "listen", listen != NULL ? listen : "?",
+            "proxy_protocol", cfg->proxy_protocol ? "on" : "off", "admin", admin,
+            "keys", LOG_U64(g->keys->ks.n),
+            "keys_file", cfg->keys_file != NULL ? cfg->keys_file : "-",
+            "user", cfg->user != NULL ? cfg->user : "-",
+            "handshake_timeout", LOG_U64(cfg->handshake_ms / 1000),
+            "challenge_timeout", LOG_U64(cfg->challenge_ms / 1000),
+            "tunnel_idle_timeout", LOG_U64(cfg->tunnel_idle_ms / 1000),
+            "channel_idle_timeout", LOG_U64(cfg->chan_idle_ms / 1000),
+            "drain_timeout", LOG_U64(cfg->drain_ms / 1000),
+            "max_handshakes", LOG_U64(cfg->max_handshakes),
+            "max_handshakes_per_ip", LOG_U64(cfg->max_handshakes_per_ip),
+            "max_channels", LOG_U64(cfg->max_channels), "max_frame", LOG_U64(cfg->max_frame),
+            "backlog", LOG_U64(cfg->backlog), "cpu_affinity", cfg->cpu_affinity ? "on" : "off",
+            "log_rate", LOG_U64(cfg->log_rate), NULL);
+    free(listen);
 }
 
-/* Wait for signals until a stop; returns the exit status. */
+static bool all_done(struct gw *g)
+{
+    return atomic_load(&g->shards_done) >= g->nthreads;
+}
+
+/* The first SIGINT/SIGTERM: stop accepting, let channels finish. */
+static void drain_start(struct gw *g, int sig)
+{
+    atomic_store(&g->ready, false);
+    metrics_gauge_set(g->metrics, g->main_slot, METRIC_DRAINING, 0, 1);
+    log_msg(LOG_INFO, "draining", "signal", sigabbrev_np(sig), "timeout",
+            LOG_U64(g->cfg->drain_ms / 1000), "tunnels",
+            LOG_I64((int64_t)metrics_value(g->metrics, METRIC_TUNNELS_CONNECTED, 0)),
+            "channels", LOG_I64((int64_t)metrics_value(g->metrics, METRIC_CHANNELS_OPEN, 0)),
+            NULL);
+    post_drain(g);
+}
+
+/* Wait for a signal; during the drain at most until `end` (ms, monotonic)
+ * in steps of DRAIN_POLL_MS. Returns the signal, or 0 when the step ended
+ * without one. */
+static int wait_signal(const sigset_t *set, bool draining, uint64_t end)
+{
+    siginfo_t si;
+    uint64_t now, ms;
+    struct timespec ts;
+    int sig;
+
+    if (!draining) {
+        sig = sigwaitinfo(set, &si);
+        return sig < 0 ? 0 : sig; /* EINTR */
+    }
+    now = timer_clock_ms();
+    ms = end > now ? end - now : 0;
+    ms = ms < DRAIN_POLL_MS ? ms : DRAIN_POLL_MS;
+    ts = (struct timespec){ .tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000 };
+    sig = sigtimedwait(set, &si, &ts);
+    return sig < 0 ? 0 : sig; /* EAGAIN: the step ended; EINTR */
+}
+
+/* Serve signals until the shards are gone (or told to go); returns the
+ * exit status. */
 static int signal_loop(struct gw *g, const sigset_t *set)
 {
-    for (;;) {
-        siginfo_t si;
-        int sig = sigwaitinfo(set, &si);
+    bool draining = false;
+    uint64_t end = 0;
 
-        if (sig < 0)
-            continue; /* EINTR */
+    for (;;) {
+        int sig;
+
+        if (draining && all_done(g)) {
+            log_msg(LOG_INFO, "drained: no channel left", NULL);
+            return 0;
+        }
+        if (draining && !g->stop_posted && timer_clock_ms() >= end) {
+            log_msg(g->cfg->drain_ms > 0 ? LOG_WARN : LOG_INFO,
+                    "drain timeout: closing the remaining channels", "channels",
+                    LOG_I64((int64_t)metrics_value(g->metrics, METRIC_CHANNELS_OPEN, 0)), NULL);
+            post_stop(g);
+            return 0;
+        }
+        sig = wait_signal(set, draining, end);
+        if (sig == 0)
+            continue;
         if (sig == SIGHUP) {
             reload_keys(g);
         } else if (sig == SIGUSR1) {
-            post_all(g, false);
-        } else {
-            bool fatal = atomic_load(&g->fatal);
-            log_msg(fatal ? LOG_ERROR : LOG_INFO, "stopping", "signal",
-                    fatal ? "engine failure" : sigabbrev_np(sig), NULL);
+            post_stats(g);
+        } else if (atomic_load(&g->fatal)) {
+            log_msg(LOG_ERROR, "stopping", "signal", "engine failure", NULL);
             atomic_store(&g->ready, false);
-            post_all(g, true);
-            return fatal ? 1 : 0;
+            post_stop(g);
+            return 1;
+        } else if (draining) {
+            log_msg(LOG_WARN, "second signal: stopping now", "signal", sigabbrev_np(sig),
+                    "channels",
+                    LOG_I64((int64_t)metrics_value(g->metrics, METRIC_CHANNELS_OPEN, 0)), NULL);
+            post_stop(g);
+            return 0;
+        } else {
+            drain_start(g, sig);
+            draining = true;
+            end = timer_clock_ms() + g->cfg->drain_ms;
         }
     }
 }
@@ -783,15 +1042,11 @@ int gw_run(struct gw *g)
     g->main_thread = pthread_self();
     pthread_mutex_init(&g->gate_mu, NULL);
     pthread_cond_init(&g->gate_cv, NULL);
-    if (threads_start(g) == 0) {
+    if (admin_up(g) == 0 && drop_privileges(g) == 0 && threads_start(g) == 0) {
         started = true;
         log_start(g);
-        if (admin_up(g) == 0) {
-            atomic_store(&g->ready, true);
-            rc = signal_loop(g, &set);
-        } else {
-            post_all(g, true);
-        }
+        atomic_store(&g->ready, true);
+        rc = signal_loop(g, &set);
     }
     for (unsigned s = 0; s < g->nthreads; s++)
         pthread_join(g->shards[s].thread, NULL);

@@ -21,14 +21,26 @@
  * - Every failure before the multiplexer closes the connection without
  *   sending anything, with one log line (rate-limited) and one counter.
  *
+ * - An aes-gcm token whose key was already accepted in a session that is
+ *   still valid is refused (nothing sent; handshakes_total{result=
+ *   "gcm_key_reused"}): a second session would repeat GCM nonces.
+ *
  * Configuration is read-only once gw_run() starts. gw_run() owns the
- * calling thread until SIGINT/SIGTERM (clean stop: listeners closed,
- * tunnels and connections closed, everything freed), SIGHUP re-reads the
- * Fernet keys (flags + keys file; on error the old keys stay), SIGUSR1
- * logs every shard's counters ("stats" lines). Logging goes through
- * core/log.h (log_setup() is the caller's); counters also feed the
- * Prometheus metrics (core/metrics.h) served by the optional admin
- * listener (io/admin.h).
+ * calling thread until a stop. Signals:
+ *   SIGINT/SIGTERM  drain: listeners closed (new devices and tunnels are
+ *                   refused, /readyz says 503), handshakes in progress
+ *                   dropped, open channels go on for up to drain_ms; once
+ *                   no channel is open (or at the deadline, or on a
+ *                   second SIGINT/SIGTERM) the tunnels are closed and
+ *                   gw_run returns 0.
+ *   SIGHUP          re-read the Fernet keys (flags + keys file; on error
+ *                   the old keys stay and one line says why).
+ *   SIGUSR1         log every shard's counters ("stats" lines).
+ * Logging goes through core/log.h (log_setup() is the caller's); one
+ * "gateway started" line states the configuration (never a key). Counters
+ * feed the Prometheus metrics (core/metrics.h) served by the optional
+ * admin listener (io/admin.h); the multiplexers' own counters are folded
+ * in every second, so /metrics is at most about a second behind.
  */
 #ifndef CORE_GW_H
 #define CORE_GW_H
@@ -80,6 +92,8 @@ struct gw_cfg {
     const char *keys_file;      /* NULL: none; re-read on SIGHUP */
     unsigned log_rate;          /* per-connection lines per second per shard; 0 = all */
     const struct net_addr *admin; /* /metrics, /healthz, /readyz; NULL = off */
+    uint32_t drain_ms;          /* SIGTERM: longest wait for open channels */
+    const char *user;           /* drop root to this user after binding; NULL = no */
 };
 
 /* Defaults of every field (listen list empty, threads 1, no keys). */
@@ -87,17 +101,20 @@ void gw_cfg_defaults(struct gw_cfg *cfg);
 
 struct gw;
 
-/* Check the configuration, load the keys, open every shard's listening
- * sockets. NULL on failure with a one-line message in err (naming the
- * flag or address at fault) and *usage true when the configuration itself
- * is wrong (false: a runtime failure such as an address in use or an
- * unreadable keys file). */
+/* Check the configuration, load the keys, look up cfg->user, open every
+ * shard's listening sockets. NULL on failure with a one-line message in
+ * err (naming the flag or address at fault) and *usage true when the
+ * configuration itself is wrong (false: a runtime failure such as an
+ * address in use, an unreadable keys file or an unknown user). */
 struct gw *gw_new(const struct gw_cfg *cfg, char *err, size_t errlen, bool *usage);
 
-/* Start the shards and serve until SIGINT/SIGTERM. Blocks SIGINT,
- * SIGTERM, SIGHUP and SIGUSR1 in the calling thread (and so in the
- * shards) and ignores SIGPIPE. Returns the exit status: 0 after a clean
- * stop, 1 when a shard could not start or failed. */
+/* Start the admin listener, drop privileges (cfg->user: setgroups,
+ * setgid, setuid; a warning when not root), start the shards and serve
+ * until SIGINT/SIGTERM (see above). Blocks SIGINT, SIGTERM, SIGHUP and
+ * SIGUSR1 in the calling thread (and so in the shards) and ignores
+ * SIGPIPE. Returns the exit status: 0 after a stop by signal (drained or
+ * not), 1 when the admin listener, the privilege drop or a shard could
+ * not start, or a shard failed. */
 int gw_run(struct gw *g);
 
 /* Free everything gw_new made. NULL is ignored. */

@@ -192,10 +192,14 @@ static void conn_reject(struct gw_conn *c, enum gw_rej why, const char *detail)
         log_msg(LOG_DEBUG, "connection closed", "shard", LOG_U64(sh->idx), "stage",
                 gw_stage_name(c->st), "reason", gw_rej_name(why), "peer", peer, NULL);
     else
-        log_ratelimited(&sh->rl, LOG_INFO, "connection rejected", "shard", LOG_U64(sh->idx),
+        /* a reused GCM key is an attack or a broken client: warn */
+        log_ratelimited(&sh->rl, why == GW_REJ_GCM_REUSED ? LOG_WARN : LOG_INFO,
+                        "connection rejected", "shard", LOG_U64(sh->idx),
                         "stage", gw_stage_name(c->st), "reason", gw_rej_name(why), "peer", peer,
                         "caller", caller, "bytes", LOG_U64(c->len),
-                        detail != NULL ? (why == GW_REJ_UNKNOWN_NAME ? "sni" : "detail") : NULL,
+                        detail != NULL ? (why == GW_REJ_UNKNOWN_NAME ? "sni"
+                                          : why == GW_REJ_GCM_REUSED ? "host" : "detail")
+                                       : NULL,
                         detail, NULL);
     conn_close(c);
 }
@@ -376,6 +380,7 @@ static enum step step_token(struct gw_conn *c)
     size_t n = c->len - c->off;
     const uint8_t *b = c->buf + c->off;
     enum token_err e;
+    double now;
 
     /* Every token starts with "gA" (PROTOCOL.md 1.3): on the peer port,
      * anything else can never verify, so do not wait for the deadline. */
@@ -385,11 +390,19 @@ static enum step step_token(struct gw_conn *c)
         conn_reject(c, GW_REJ_GARBAGE, "not_a_token");
         return STEP_DONE;
     }
-    e = token_verify(k->ks.v, k->ks.n, (const char *)c->buf + c->off, n, now_real(),
-                     &c->claims, NULL);
+    now = now_real();
+    e = token_verify(k->ks.v, k->ks.n, (const char *)c->buf + c->off, n, now, &c->claims, NULL);
     if (e == TOKEN_OK) {
         c->have_claims = true;
         eng_timer_del(sh->eng, &c->deadline);
+        /* The challenge is sealed with GCM counter 0: from here the key is
+         * spent, whatever happens next (PROTOCOL.md 3.3). */
+        if (c->claims.cipher == TC_AES_GCM &&
+            !gw_seen_claim(&sh->gw->seen, c->claims.aes_key, c->claims.aes_key_len,
+                           c->claims.valid, now)) {
+            conn_reject(c, GW_REJ_GCM_REUSED, c->claims.hostname);
+            return STEP_DONE;
+        }
         return start_challenge(c);
     }
     /* A Fernet-layer failure may just be a token cut by TCP: every byte
@@ -559,7 +572,11 @@ void gw_conn_start(struct gw_shard *sh, enum gw_listen_kind kind, int fd,
         c->st = GW_ST_TOKEN;
     else
         c->st = kind == GW_L_SNI ? GW_ST_SNI : GW_ST_CLASSIFY;
-    if (sh->stopping) {
+    metrics_inc_label(g->metrics, sh->idx, METRIC_ACCEPTED,
+                      kind == GW_L_SNI    ? METRICS_LISTENER_SNI
+                      : kind == GW_L_PEER ? METRICS_LISTENER_PEER
+                                          : METRICS_LISTENER_SINGLE, 1);
+    if (sh->draining) {
         conn_reject(c, GW_REJ_STOPPING, NULL);
         return;
     }

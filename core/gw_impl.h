@@ -1,7 +1,8 @@
 /* core/gw_impl.h - what the gateway's files share: gw.c (runtime:
- * configuration, shards, listeners, signals, stop, counters), gw_conn.c
- * (the handshake of one connection) and gw_tunnel.c (tunnels, routing,
- * cross-shard handoff, metrics mapping). Not for other modules: they use
+ * configuration, shards, listeners, signals, drain and stop, counters),
+ * gw_conn.c (the handshake of one connection), gw_tunnel.c (tunnels,
+ * routing, cross-shard handoff, metrics mapping) and gw_seen.c (aes-gcm
+ * keys already used). Not for other modules: they use
  * core/gw.h.
  *
  * Ownership on a shard:
@@ -17,6 +18,7 @@
 
 #include <pthread.h>
 #include <stdarg.h>
+#include <sys/types.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -39,7 +41,8 @@
 #include "io/mbox.h"
 
 /* Why a connection was closed before the multiplexer. Checklist: a new
- * value needs its name in gw.c rej_names[]. */
+ * value needs its name in gw.c rej_names[] and, with the same name, in the
+ * connections_dropped_total list of core/metrics.c. */
 enum gw_rej {
     GW_REJ_NONE = 0,
     GW_REJ_HS_LIMIT,      /* --max-handshakes reached */
@@ -56,7 +59,8 @@ enum gw_rej {
     GW_REJ_TOKEN_TOO_LONG,/* GW_TOKEN_MAX bytes without a valid token */
     GW_REJ_CHALLENGE,     /* wrong answer (or AEAD tag) */
     GW_REJ_NOMEM,         /* allocation or cipher setup failed */
-    GW_REJ_STOPPING,      /* the gateway is shutting down */
+    GW_REJ_STOPPING,      /* the gateway is draining or stopping */
+    GW_REJ_GCM_REUSED,    /* aes-gcm key of an earlier, still valid session */
     GW_REJ_COUNT
 };
 
@@ -154,6 +158,7 @@ struct gw_tunnel {
     struct net_addr peer;
     struct timer expiry;
     struct mux_hooks hooks;
+    struct mux_stats folded;     /* mux_stats() as last added to the metrics */
 };
 
 struct gw_shard {
@@ -168,15 +173,32 @@ struct gw_shard {
     struct cds_list_head conns;
     struct cds_list_head tunnels;
     size_t nconns, ntunnels;
+    size_t nchans;               /* channels opened here and not yet closed */
     void *tunnel_tree;           /* tsearch: struct gw_tunnel * by id */
     void *ip_tree;               /* tsearch: struct gw_ipcount * by ip */
-    bool stopping, finalizing;
-    struct mbox_msg stop_msg;
-    struct timer drain_timer;
+    /* draining: listeners closed, no new connection or channel, open
+     * channels go on; stopping: tunnels closed, the loop ends when nothing
+     * is left (gw.c "Drain and stop"). */
+    bool draining, stopping, finalizing;
+    struct mbox_msg drain_msg, stop_msg;   /* each posted at most once */
+    struct timer stop_timer;
+    struct timer linger_timer;   /* drained: let the last frames leave */
+    struct timer fold_timer;     /* mux counters into the metrics, 1 s */
     struct eng_defer drain_d;
     struct gw_ctr ctr;
     struct log_rl rl;            /* per-connection lines of this shard */
     char err[256];               /* startup failure */
+};
+
+/* aes-gcm keys of accepted tokens (SHA-256 of the key) until their
+ * token's expiry: a GCM key must never serve two sessions (PROTOCOL.md
+ * 3.3, 9.3). Shared by the shards, on the handshake path only: a mutex
+ * and a tsearch tree, expired entries purged lazily. */
+struct gw_seen {
+    pthread_mutex_t mu;
+    void *root;                  /* struct gw_seen_ent * by digest */
+    size_t n;
+    double next_purge;           /* wall clock of the next purge pass */
 };
 
 struct gw {
@@ -184,8 +206,15 @@ struct gw {
     struct gw_shard *shards;
     unsigned nshards;
     struct hosttab *tab;
-    struct metrics *metrics;
+    struct metrics *metrics;     /* nshards + 1 slots: the last is main's */
+    unsigned main_slot;          /* = nshards: metrics written by main */
     struct admin *admin;
+    struct gw_seen seen;
+    bool drop_priv;              /* --user given and found */
+    uid_t uid;
+    gid_t gid;
+    bool drain_posted, stop_posted; /* main thread only */
+    atomic_uint shards_done;     /* shard loops ended */
     atomic_bool ready;           /* /readyz: shards serving, not stopping */
     struct gw_keys *keys;        /* RCU: rcu_dereference on shards */
     unsigned nthreads;           /* shard threads started */
@@ -200,6 +229,21 @@ struct gw {
     _Alignas(64) atomic_uint_fast64_t next_gen;
     _Alignas(64) atomic_size_t handshakes;
 };
+
+/* ---- gw_seen.c ------------------------------------------------------------ */
+
+void gw_seen_init(struct gw_seen *s);
+void gw_seen_fini(struct gw_seen *s);
+
+/* Record the aes-gcm key[0..len) of a token valid until `expiry` (seconds
+ * since the epoch) at time `now`. true: not seen in a session still valid,
+ * now recorded (until expiry); false: reused, refuse the connection.
+ * false too when memory runs out (refusing is the safe side). Any thread. */
+bool gw_seen_claim(struct gw_seen *s, const uint8_t *key, size_t len, double expiry,
+                   double now);
+
+/* Entries held (expired ones not yet purged included). */
+size_t gw_seen_count(struct gw_seen *s);
 
 /* ---- gw.c: names ---------------------------------------------------------- */
 
@@ -227,9 +271,14 @@ int gw_tunnel_start(struct gw_conn *c);
  * closes the connection. */
 enum gw_rej gw_route(struct gw_conn *c, const char *name, size_t n);
 
-/* gw.c: called whenever a conn, tunnel or listener goes away, so that a
- * stopping shard ends its loop once nothing is left. */
+/* gw.c: called whenever a conn, tunnel, channel or listener goes away, so
+ * that a draining shard stops once its channels are done, and a stopping
+ * shard ends its loop once nothing is left. */
 void gw_shard_check_drained(struct gw_shard *sh);
+
+/* Add what every tunnel's mux counted since the last fold to the metrics
+ * (and to the shard's counters). gw.c runs it every second. */
+void gw_tunnel_fold_all(struct gw_shard *sh);
 
 /* ---- gw_conn.c --------------------------------------------------------- */
 

@@ -51,8 +51,11 @@ static const char *tunnel_label(enum mux_reason r)
     case MUX_R_TUNNEL_ERROR: return "error";
     case MUX_R_PROTOCOL: return "bad_frame";
     case MUX_R_PONG_TIMEOUT: return "ping_timeout";
+    case MUX_R_QUEUE_LIMIT: return "overflow";
     case MUX_R_REPLACED: return "replaced";
     case MUX_R_SHUTDOWN: return "shutdown";
+    case MUX_R_TUNNEL_IDLE: return "idle";
+    case MUX_R_EXPIRED: return "expired";
     default: return "other";
     }
 }
@@ -76,6 +79,7 @@ void gw_metric_reject(struct gw_shard *sh, enum gw_stage st, enum gw_rej why,
     enum metric_id id;
     const char *label;
 
+    metrics_inc_reason(m, sh->idx, METRIC_DROPS, gw_rej_name(why), 1);
     switch (why) {
     case GW_REJ_HS_LIMIT:
         metrics_inc_reason(m, sh->idx, METRIC_LIMIT_REJECTS, "handshakes", 1);
@@ -101,6 +105,7 @@ void gw_metric_reject(struct gw_shard *sh, enum gw_stage st, enum gw_rej why,
     case GW_REJ_UNKNOWN_NAME: label = "unknown_name"; break;
     case GW_REJ_CHALLENGE: label = "bad_answer"; break;
     case GW_REJ_TOKEN_TOO_LONG: label = "too_long"; break;
+    case GW_REJ_GCM_REUSED: label = "gcm_key_reused"; break;
     case GW_REJ_TOKEN: label = detail != NULL ? token_label(detail) : "other"; break;
     case GW_REJ_PROXY:
     case GW_REJ_SNI: label = detail != NULL ? detail : "other"; break;
@@ -142,23 +147,63 @@ static void on_chan_closed(void *ctx, struct mux_chan *ch, enum mux_reason why)
     (void)ch;
     if ((unsigned)why < MUX_R_COUNT)
         sh->ctr.chan_closed[why]++;
+    sh->nchans--;
     metrics_gauge_add(sh->gw->metrics, sh->idx, METRIC_CHANNELS_OPEN, -1);
     metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_CHANNEL_CLOSES, chan_label(why), 1);
+    gw_shard_check_drained(sh); /* a drain waits for the last channel */
 }
 
-static void stats_to_metrics(struct gw_shard *sh, const struct mux_stats *st)
+/* Add what the mux counted since the last fold: the mux keeps plain
+ * per-tunnel totals, the metrics per-shard ones. */
+static void tunnel_fold(struct gw_tunnel *t, const struct mux_stats *st)
 {
+    struct gw_shard *sh = t->sh;
     struct metrics *m = sh->gw->metrics;
+    struct mux_stats *f = &t->folded;
+    uint64_t to_dev = st->bytes_to_local - f->bytes_to_local;
+    uint64_t from_dev = st->bytes_from_local - f->bytes_from_local;
 
-    metrics_inc_label(m, sh->idx, METRIC_BYTES, METRICS_DEVICE_TO_TUNNEL, st->bytes_from_local);
-    metrics_inc_label(m, sh->idx, METRIC_BYTES, METRICS_TUNNEL_TO_DEVICE, st->bytes_to_local);
+    sh->ctr.bytes_to_device += to_dev;
+    sh->ctr.bytes_from_device += from_dev;
+    metrics_inc_label(m, sh->idx, METRIC_BYTES, METRICS_DEVICE_TO_TUNNEL, from_dev);
+    metrics_inc_label(m, sh->idx, METRIC_BYTES, METRICS_TUNNEL_TO_DEVICE, to_dev);
     /* mux_flow_index() and enum metrics_frame share their order */
     for (unsigned i = 0; i <= METRICS_FRAME_UNKNOWN; i++) {
-        metrics_inc_label(m, sh->idx, METRIC_FRAMES_RECEIVED, i, st->frames_in[i]);
-        metrics_inc_label(m, sh->idx, METRIC_FRAMES_SENT, i, st->frames_out[i]);
+        metrics_inc_label(m, sh->idx, METRIC_FRAMES_RECEIVED, i,
+                          st->frames_in[i] - f->frames_in[i]);
+        metrics_inc_label(m, sh->idx, METRIC_FRAMES_SENT, i, st->frames_out[i] - f->frames_out[i]);
     }
-    metrics_inc_reason(m, sh->idx, METRIC_LIMIT_REJECTS, "channels",
-                       st->chan_closed[MUX_R_LIMIT]);
+    if (st->chan_closed[MUX_R_LIMIT] != f->chan_closed[MUX_R_LIMIT]) /* a name lookup */
+        metrics_inc_reason(m, sh->idx, METRIC_LIMIT_REJECTS, "channels",
+                           st->chan_closed[MUX_R_LIMIT] - f->chan_closed[MUX_R_LIMIT]);
+    metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_UNKNOWN_ID,
+                      st->dropped_unknown_id - f->dropped_unknown_id);
+    metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
+                      st->bad_new - f->bad_new);
+    *f = *st;
+}
+
+void gw_tunnel_fold_all(struct gw_shard *sh)
+{
+    struct gw_tunnel *t;
+
+    cds_list_for_each_entry(t, &sh->tunnels, link)
+        tunnel_fold(t, mux_stats(t->mux));
+}
+
+/* snitun_tunnels_connected and its split by version and cipher. */
+static void tunnel_gauges(struct gw_tunnel *t, int64_t d)
+{
+    struct gw_shard *sh = t->sh;
+    struct metrics *m = sh->gw->metrics;
+    int v = metrics_label_index(METRIC_TUNNELS_BY_VERSION, LOG_U64(t->version));
+    int c = metrics_label_index(METRIC_TUNNELS_BY_CIPHER, tc_kind_name(t->cipher));
+
+    metrics_gauge_add(m, sh->idx, METRIC_TUNNELS_CONNECTED, d);
+    if (v >= 0)
+        metrics_gauge_add_label(m, sh->idx, METRIC_TUNNELS_BY_VERSION, (unsigned)v, d);
+    if (c >= 0)
+        metrics_gauge_add_label(m, sh->idx, METRIC_TUNNELS_BY_CIPHER, (unsigned)c, d);
 }
 
 static void on_dead(void *ctx, struct mux *m, enum mux_reason why)
@@ -178,10 +223,8 @@ static void on_dead(void *ctx, struct mux *m, enum mux_reason why)
     sh->ntunnels--;
     if ((unsigned)why < MUX_R_COUNT)
         sh->ctr.tunnels_closed[why]++;
-    sh->ctr.bytes_to_device += st->bytes_to_local;
-    sh->ctr.bytes_from_device += st->bytes_from_local;
-    stats_to_metrics(sh, st);
-    metrics_gauge_add(sh->gw->metrics, sh->idx, METRIC_TUNNELS_CONNECTED, -1);
+    tunnel_fold(t, st);
+    tunnel_gauges(t, -1);
     metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_TUNNEL_CLOSES, tunnel_label(why), 1);
     log_msg(LOG_INFO, "tunnel down", "shard", LOG_U64(sh->idx), "tunnel", LOG_U64(t->id),
             "reason", mux_reason_name(why), "peer", addr_format(&t->peer, peer, sizeof(peer)),
@@ -359,7 +402,7 @@ int gw_tunnel_start(struct gw_conn *c)
     sh->ctr.tunnels_opened++;
     metrics_inc(sh->gw->metrics, sh->idx, METRIC_TUNNELS_TOTAL, 1);
     metrics_inc_label(sh->gw->metrics, sh->idx, METRIC_HANDSHAKES, METRICS_HANDSHAKE_OK, 1);
-    metrics_gauge_add(sh->gw->metrics, sh->idx, METRIC_TUNNELS_CONNECTED, 1);
+    tunnel_gauges(t, 1);
     if (tsearch(t, &sh->tunnel_tree, tunnel_cmp) == NULL) {
         mux_close(t->mux, MUX_R_TUNNEL_ERROR);
         return 0;
@@ -393,6 +436,7 @@ static void chan_open(struct gw_shard *sh, struct mux *m, int fd, const struct n
 {
     if (mux_chan_open(m, fd, caller, first, n) != NULL) {
         (*ok_ctr)++;
+        sh->nchans++;
         metrics_inc(sh->gw->metrics, sh->idx, METRIC_CHANNELS_OPENED, 1);
         metrics_gauge_add(sh->gw->metrics, sh->idx, METRIC_CHANNELS_OPEN, 1);
     } else {
@@ -406,7 +450,7 @@ static void on_handoff(struct mbox_msg *msg)
     struct gw_shard *sh = h->to;
     struct hosttab_ent e;
 
-    if (sh->finalizing || sh->stopping) {
+    if (sh->finalizing || sh->draining) {
         close(h->fd); /* never registered with this shard's engine */
         free(h);
         return;

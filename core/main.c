@@ -1,4 +1,5 @@
-/* core/main.c - entry point: dispatch to a sub-command. */
+/* core/main.c - entry point: dispatch to a sub-command; `snitun version`
+ * and `snitun --version` print the version. */
 #include <stdio.h>
 #include <string.h>
 
@@ -22,7 +23,8 @@ static void usage(FILE *out)
     fprintf(out, "usage: snitun <command> [flags]\n\ncommands:\n");
     for (size_t i = 0; i < sizeof(subcmds) / sizeof(subcmds[0]); i++)
         fprintf(out, "  %-8s %s\n", subcmds[i].name, subcmds[i].summary);
-    fprintf(out, "  %-8s %s\n", "version", "print the version");
+    fprintf(out, "  %-8s %s\n", "version", "print the version (also --version, and "
+            "'snitun server --version')");
     fprintf(out, "\n'snitun <command> --help' describes each command's flags.\n");
 }
 

@@ -44,7 +44,7 @@ static const struct metric_def defs[] = {
         "Tunnel handshakes, by result.", TYPE_COUNTER, S, "result",
         VALUES("ok", "bad_base64", "bad_length", "bad_version", "bad_mac", "bad_padding",
                "not_json", "bad_claims", "expired", "unsupported_cipher", "bad_answer",
-               "timeout", "eof", "too_long", "other"), false },
+               "timeout", "eof", "too_long", "gcm_key_reused", "other"), false },
     [METRIC_SNI_REJECTS] = { "snitun_sni_rejects_total",
         "Device connections not routed, by reason.", TYPE_COUNTER, S, "reason",
         VALUES("not_tls", "old_version", "not_hello", "record", "too_large", "malformed",
@@ -62,6 +62,30 @@ static const struct metric_def defs[] = {
     [METRIC_BYTES] = { "snitun_bytes_total",
         "Payload bytes relayed between devices and tunnels.", TYPE_COUNTER, S, "direction",
         VALUES("device_to_tunnel", "tunnel_to_device"), false },
+    [METRIC_TUNNELS_BY_VERSION] = { "snitun_tunnels_connected_by_version",
+        "Tunnels currently connected, by multiplexer protocol version.", TYPE_GAUGE, S,
+        "version", VALUES("0", "1", "2", "other"), false },
+    [METRIC_TUNNELS_BY_CIPHER] = { "snitun_tunnels_connected_by_cipher",
+        "Tunnels currently connected, by tunnel cipher.", TYPE_GAUGE, S, "cipher",
+        VALUES("aes-cbc", "aes-gcm", "aes-gcm-siv", "other"), false },
+    [METRIC_ACCEPTED] = { "snitun_connections_accepted_total",
+        "Connections accepted, by kind of listener.", TYPE_COUNTER, S, "listener",
+        VALUES("single", "sni", "peer"), false },
+    [METRIC_DROPS] = { "snitun_connections_dropped_total",
+        "Connections closed before the multiplexer (nothing sent), by reason.", TYPE_COUNTER,
+        S, "reason",
+        VALUES("handshake_limit", "ip_limit", "timeout", "eof", "read_error", "send_error",
+               "not_tls_or_token", "proxy_header", "bad_hello", "unknown_name", "bad_token",
+               "token_too_long", "bad_answer", "no_memory", "stopping", "gcm_key_reused",
+               "other"), false },
+    [METRIC_DRAINING] = { "snitun_draining",
+        "1 while the gateway drains after SIGTERM/SIGINT (listeners closed).", TYPE_GAUGE, S,
+        NULL, NULL, false },
+    [METRIC_KEY_RELOADS] = { "snitun_key_reloads_total",
+        "Fernet key reloads (SIGHUP), by result.", TYPE_COUNTER, S, "result",
+        VALUES("ok", "error"), false },
+    [METRIC_FERNET_KEYS] = { "snitun_fernet_keys",
+        "Fernet keys in use.", TYPE_GAUGE, S, NULL, NULL, false },
     [METRIC_CHANNELS_OPEN] = { "snitun_channels_open",
         "Channels currently open.", TYPE_GAUGE, S | C, NULL, NULL, false },
     [METRIC_CHANNELS_OPENED] = { "snitun_channels_opened_total",
@@ -79,7 +103,10 @@ static const struct metric_def defs[] = {
     [METRIC_TUNNEL_CLOSES] = { "snitun_tunnel_closes_total",
         "Tunnels closed, by reason.", TYPE_COUNTER, S | C, "reason",
         VALUES("eof", "error", "bad_frame", "ping_timeout", "overflow", "replaced",
-               "shutdown", "other"), false },
+               "shutdown", "idle", "expired", "other"), false },
+    [METRIC_FRAMES_DROPPED] = { "snitun_frames_dropped_total",
+        "Multiplexer frames received and dropped, by reason.", TYPE_COUNTER, S | C, "reason",
+        VALUES("unknown_id", "bad_new"), false },
     [METRIC_LIMIT_REJECTS] = { "snitun_limit_rejects_total",
         "Connections or channels refused by a configured limit.", TYPE_COUNTER, S | C,
         "limit", VALUES("connections", "tunnels", "channels", "handshakes", "fds", "other"),
@@ -197,6 +224,12 @@ void metrics_inc_label(struct metrics *m, unsigned shard, enum metric_id id, uns
 void metrics_gauge_add(struct metrics *m, unsigned shard, enum metric_id id, int64_t delta)
 {
     slot_add(slot(m, shard, id, 0), (uint64_t)delta);  /* wraps: two's complement */
+}
+
+void metrics_gauge_add_label(struct metrics *m, unsigned shard, enum metric_id id,
+                             unsigned label, int64_t delta)
+{
+    slot_add(slot(m, shard, id, label), (uint64_t)delta);
 }
 
 void metrics_gauge_set(struct metrics *m, unsigned shard, enum metric_id id, unsigned label,

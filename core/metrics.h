@@ -49,6 +49,13 @@ enum metric_id {
     METRIC_PROXY_REJECTS,         /* {reason} */
     METRIC_HANDOFFS,              /* connections moved to another shard */
     METRIC_BYTES,                 /* {direction}: enum metrics_dir */
+    METRIC_TUNNELS_BY_VERSION,    /* gauge {version}: "0" "1" "2" "other" */
+    METRIC_TUNNELS_BY_CIPHER,     /* gauge {cipher}: tc_kind_name() */
+    METRIC_ACCEPTED,              /* {listener}: enum metrics_listener */
+    METRIC_DROPS,                 /* {reason}: connections closed before the mux */
+    METRIC_DRAINING,              /* gauge: 1 from SIGTERM/SIGINT until exit */
+    METRIC_KEY_RELOADS,           /* {result}: ok, error */
+    METRIC_FERNET_KEYS,           /* gauge: keys loaded */
     /* both */
     METRIC_CHANNELS_OPEN,         /* gauge */
     METRIC_CHANNELS_OPENED,
@@ -56,6 +63,7 @@ enum metric_id {
     METRIC_FRAMES_SENT,           /* {type}: enum metrics_frame */
     METRIC_CHANNEL_CLOSES,        /* {reason} */
     METRIC_TUNNEL_CLOSES,         /* {reason} */
+    METRIC_FRAMES_DROPPED,        /* {reason}: unknown_id, bad_new */
     METRIC_LIMIT_REJECTS,         /* {limit} */
     METRIC_ENGINE_INFO,           /* gauge {engine}: enum metrics_engine */
     METRIC_SHARDS,                /* gauge */
@@ -94,6 +102,22 @@ enum metrics_frame {             /* METRIC_FRAMES_RECEIVED / _SENT */
     METRICS_FRAME_UNKNOWN,
 };
 
+enum metrics_listener {          /* METRIC_ACCEPTED */
+    METRICS_LISTENER_SINGLE = 0,
+    METRICS_LISTENER_SNI = 1,
+    METRICS_LISTENER_PEER = 2,
+};
+
+enum metrics_drop {              /* METRIC_FRAMES_DROPPED */
+    METRICS_DROP_UNKNOWN_ID = 0,
+    METRICS_DROP_BAD_NEW = 1,
+};
+
+enum metrics_reload {            /* METRIC_KEY_RELOADS */
+    METRICS_RELOAD_OK = 0,
+    METRICS_RELOAD_ERROR = 1,
+};
+
 enum metrics_engine {            /* METRIC_ENGINE_INFO */
     METRICS_ENGINE_URING = 0,
     METRICS_ENGINE_EPOLL = 1,
@@ -104,7 +128,8 @@ enum metrics_engine {            /* METRIC_ENGINE_INFO */
 /* Label values (reason lists end in "other"):
  *   handshakes_total{result}: ok bad_base64 bad_length bad_version bad_mac
  *     bad_padding not_json bad_claims expired unsupported_cipher
- *     bad_answer timeout eof too_long other
+ *     bad_answer timeout eof too_long gcm_key_reused (an aes-gcm key seen
+ *     in an earlier, still valid session) other
  *   sni_rejects_total{reason}: not_tls old_version not_hello record
  *     too_large malformed no_name empty_name long_name bad_utf8 bad_char
  *     unknown_name timeout eof other
@@ -117,7 +142,16 @@ enum metrics_engine {            /* METRIC_ENGINE_INFO */
  *     other
  *   tunnel_closes_total{reason}: eof, error (socket), bad_frame (decoder
  *     fatal), ping_timeout, overflow (peer not reading), replaced (a newer
- *     tunnel for the same host), shutdown, other
+ *     tunnel for the same host), shutdown, idle (tunnel idle timer),
+ *     expired (token validity ended), other
+ *   connections_dropped_total{reason}: every connection the gateway closed
+ *     before the multiplexer, by the gateway's reason token (the finer
+ *     split is in handshakes/sni_rejects/proxy_rejects): handshake_limit
+ *     ip_limit timeout eof read_error send_error not_tls_or_token
+ *     proxy_header bad_hello unknown_name bad_token token_too_long
+ *     bad_answer no_memory stopping gcm_key_reused other
+ *   frames_dropped_total{reason}: unknown_id (DATA/CLOSE/PAUSE/RESUME for a
+ *     channel not open), bad_new (v2 NEW with a short address block)
  *   limit_rejects_total{limit}: connections, tunnels, channels,
  *     handshakes, fds (EMFILE/ENFILE), other
  */
@@ -137,6 +171,8 @@ void metrics_inc(struct metrics *m, unsigned shard, enum metric_id id, uint64_t 
 void metrics_inc_label(struct metrics *m, unsigned shard, enum metric_id id, unsigned label,
                        uint64_t by);
 void metrics_gauge_add(struct metrics *m, unsigned shard, enum metric_id id, int64_t delta);
+void metrics_gauge_add_label(struct metrics *m, unsigned shard, enum metric_id id,
+                             unsigned label, int64_t delta);
 void metrics_gauge_set(struct metrics *m, unsigned shard, enum metric_id id, unsigned label,
                        int64_t value);
 

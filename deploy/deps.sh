@@ -9,10 +9,10 @@ pkgs=(
   libssl-dev openssl liburing-dev libjemalloc-dev liburcu-dev libjansson-dev
   libcriterion-dev libmicrohttpd-dev
   python3 python3-cryptography python3-yaml systemd
-  curl iproute2 procps
+  curl iproute2 procps nginx-light haproxy
 )
 if [ "${1:-}" = "--bench" ]; then
-  pkgs+=(wrk haproxy nginx-light gnuplot-nox linux-perf)
+  pkgs+=(wrk gnuplot-nox linux-perf)
 fi
 
 missing=()

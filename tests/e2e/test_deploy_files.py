@@ -241,8 +241,8 @@ def test_probes_on_admin_port():
         got = container_port(c, p["httpGet"]["port"])
         check(got == aport, "%s on port %d, admin listens on %d" % (probe, got, aport))
     if host not in ("127.0.0.1", "::1", "localhost"):
-        check(env.get("SNITUN_ADMIN_ALLOW_REMOTE") == "true",
-              "a non-loopback SNITUN_ADMIN_LISTEN needs SNITUN_ADMIN_ALLOW_REMOTE=true "
+        check(env.get("SNITUN_ADMIN_PUBLIC") == "true",
+              "a non-loopback SNITUN_ADMIN_LISTEN needs SNITUN_ADMIN_PUBLIC=true "
               "(the gateway refuses to start otherwise)")
 
 

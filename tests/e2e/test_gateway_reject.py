@@ -229,9 +229,12 @@ def fds_back(env):
 
 
 def stop_busy(io):
-    """SIGTERM with a tunnel, an open channel and a pending handshake."""
+    """SIGTERM with a tunnel, an open channel and a pending handshake
+    (--drain-timeout 0: the open channel is not waited for; the drain itself
+    is tests/e2e/test_ops_signals.py)."""
     port = L.free_port()
-    gw = L.Gateway([("listen", "127.0.0.1:%d" % port)], io=io, threads=2)
+    gw = L.Gateway([("listen", "127.0.0.1:%d" % port)], io=io, threads=2,
+                   extra=["--drain-timeout", "0"])
     tok = L.issue_token(L.HELLO_NAME)
     t = P.connect("127.0.0.1", port, tok, "aes-cbc", L.AES_KEY, L.AES_IV, 2)
     pid = t.send_ping()

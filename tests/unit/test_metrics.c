@@ -128,8 +128,24 @@ Test(metrics, label_index)
 {
     cr_assert_eq(metrics_label_index(METRIC_HANDSHAKES, "ok"), METRICS_HANDSHAKE_OK);
     cr_assert_eq(metrics_label_index(METRIC_HANDSHAKES, "bad_mac"), 4);
-    cr_assert_eq(metrics_label_index(METRIC_HANDSHAKES, "other"), 14);
-    cr_assert_eq(metrics_label_index(METRIC_HANDSHAKES, "nonsense"), 14);
+    cr_assert_eq(metrics_label_index(METRIC_HANDSHAKES, "gcm_key_reused"), 14);
+    cr_assert_eq(metrics_label_index(METRIC_HANDSHAKES, "other"), 15);
+    cr_assert_eq(metrics_label_index(METRIC_HANDSHAKES, "nonsense"), 15);
+    cr_assert_eq(metrics_label_index(METRIC_TUNNELS_BY_VERSION, "2"), 2);
+    cr_assert_eq(metrics_label_index(METRIC_TUNNELS_BY_VERSION, "7"), 3);
+    cr_assert_eq(metrics_label_index(METRIC_TUNNELS_BY_CIPHER, "aes-gcm"), 1);
+    cr_assert_eq(metrics_label_index(METRIC_ACCEPTED, "peer"), METRICS_LISTENER_PEER);
+    cr_assert_eq(metrics_label_index(METRIC_ACCEPTED, "sni"), METRICS_LISTENER_SNI);
+    cr_assert_eq(metrics_label_index(METRIC_ACCEPTED, "single"), METRICS_LISTENER_SINGLE);
+    cr_assert_eq(metrics_label_index(METRIC_FRAMES_DROPPED, "bad_new"), METRICS_DROP_BAD_NEW);
+    cr_assert_eq(metrics_label_index(METRIC_FRAMES_DROPPED, "unknown_id"),
+                 METRICS_DROP_UNKNOWN_ID);
+    cr_assert_eq(metrics_label_index(METRIC_KEY_RELOADS, "error"), METRICS_RELOAD_ERROR);
+    cr_assert_eq(metrics_label_index(METRIC_KEY_RELOADS, "ok"), METRICS_RELOAD_OK);
+    cr_assert_eq(metrics_label_index(METRIC_TUNNEL_CLOSES, "idle"), 7);
+    cr_assert_eq(metrics_label_index(METRIC_TUNNEL_CLOSES, "expired"), 8);
+    cr_assert_eq(metrics_label_index(METRIC_DROPS, "gcm_key_reused"), 15);
+    cr_assert_eq(metrics_label_index(METRIC_DROPS, "whatever"), 16);
     cr_assert_eq(metrics_label_index(METRIC_BYTES, "device_to_tunnel"),
                  METRICS_DEVICE_TO_TUNNEL);
     cr_assert_eq(metrics_label_index(METRIC_BYTES, "tunnel_to_device"),
@@ -232,7 +248,13 @@ static const char client_text[] =
     "snitun_tunnel_closes_total{reason=\"overflow\"} 0\n"
     "snitun_tunnel_closes_total{reason=\"replaced\"} 0\n"
     "snitun_tunnel_closes_total{reason=\"shutdown\"} 0\n"
+    "snitun_tunnel_closes_total{reason=\"idle\"} 0\n"
+    "snitun_tunnel_closes_total{reason=\"expired\"} 0\n"
     "snitun_tunnel_closes_total{reason=\"other\"} 0\n"
+    "# HELP snitun_frames_dropped_total Multiplexer frames received and dropped, by reason.\n"
+    "# TYPE snitun_frames_dropped_total counter\n"
+    "snitun_frames_dropped_total{reason=\"unknown_id\"} 0\n"
+    "snitun_frames_dropped_total{reason=\"bad_new\"} 3\n"
     "# HELP snitun_limit_rejects_total Connections or channels refused by a configured limit.\n"
     "# TYPE snitun_limit_rejects_total counter\n"
     "snitun_limit_rejects_total{limit=\"connections\"} 0\n"
@@ -279,6 +301,7 @@ Test(metrics, render_client_exact, .init = setup_client, .fini = teardown)
     metrics_inc_reason(m, 0, METRIC_CHANNEL_CLOSES, "remote_close", 1);
     metrics_inc_reason(m, 1, METRIC_CHANNEL_CLOSES, "bogus", 1);
     metrics_inc_reason(m, 1, METRIC_TUNNEL_CLOSES, "eof", 1);
+    metrics_inc_label(m, 1, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW, 3);
     metrics_gauge_set(m, 0, METRIC_ENGINE_INFO, METRICS_ENGINE_EPOLL, 1);
     metrics_gauge_set(m, 0, METRIC_SHARDS, 0, 2);
     metrics_gauge_set(m, 0, METRIC_CLIENT_CONNECTED, 0, 1);
@@ -293,7 +316,7 @@ Test(metrics, render_client_exact, .init = setup_client, .fini = teardown)
     free(out);
 }
 
-static const char server_blocks[][400] = {
+static const char server_blocks[][800] = {
     "# HELP snitun_tunnels_connected Tunnels currently connected.\n"
     "# TYPE snitun_tunnels_connected gauge\n"
     "snitun_tunnels_connected -1\n",
@@ -306,12 +329,29 @@ static const char server_blocks[][400] = {
     "snitun_handshakes_total{result=\"bad_mac\"} 2\n",
     "snitun_bytes_total{direction=\"device_to_tunnel\"} 18446744073709551615\n"
     "snitun_bytes_total{direction=\"tunnel_to_device\"} 0\n"
+    "# HELP snitun_tunnels_connected_by_version ",
+    "snitun_fernet_keys 0\n"
     "# HELP snitun_channels_open Channels currently open.\n",
     "# HELP snitun_engine_info The I/O engine in use (value 1).\n"
     "# TYPE snitun_engine_info gauge\n"
     "# HELP snitun_shards Shards (event loop threads) running.\n"
     "# TYPE snitun_shards gauge\n"
     "snitun_shards 0\n",
+    "# HELP snitun_tunnels_connected_by_version Tunnels currently connected, by multiplexer "
+    "protocol version.\n"
+    "# TYPE snitun_tunnels_connected_by_version gauge\n"
+    "snitun_tunnels_connected_by_version{version=\"0\"} 0\n"
+    "snitun_tunnels_connected_by_version{version=\"1\"} 0\n"
+    "snitun_tunnels_connected_by_version{version=\"2\"} 3\n"
+    "snitun_tunnels_connected_by_version{version=\"other\"} 0\n"
+    "# HELP snitun_tunnels_connected_by_cipher Tunnels currently connected, by tunnel cipher.\n"
+    "# TYPE snitun_tunnels_connected_by_cipher gauge\n"
+    "snitun_tunnels_connected_by_cipher{cipher=\"aes-cbc\"} 0\n"
+    "snitun_tunnels_connected_by_cipher{cipher=\"aes-gcm\"} -2\n",
+    "snitun_connections_dropped_total{reason=\"gcm_key_reused\"} 1\n"
+    "snitun_connections_dropped_total{reason=\"other\"} 0\n"
+    "# HELP snitun_draining 1 while the gateway drains after SIGTERM/SIGINT (listeners "
+    "closed).\n",
 };
 
 Test(metrics, render_server, .init = setup_server, .fini = teardown)
@@ -321,6 +361,10 @@ Test(metrics, render_server, .init = setup_server, .fini = teardown)
     metrics_inc_label(m, 1, METRIC_HANDSHAKES, METRICS_HANDSHAKE_OK, 5);
     metrics_inc_reason(m, 1, METRIC_HANDSHAKES, "bad_mac", 2);
     metrics_inc_label(m, 0, METRIC_BYTES, METRICS_DEVICE_TO_TUNNEL, UINT64_MAX);
+    metrics_gauge_add_label(m, 0, METRIC_TUNNELS_BY_VERSION, 2, 5);
+    metrics_gauge_add_label(m, 1, METRIC_TUNNELS_BY_VERSION, 2, -2);
+    metrics_gauge_add_label(m, 1, METRIC_TUNNELS_BY_CIPHER, 1, -2);
+    metrics_inc_reason(m, 1, METRIC_DROPS, "gcm_key_reused", 1);
 
     size_t len;
     char *out = render(&len);
@@ -329,14 +373,14 @@ Test(metrics, render_server, .init = setup_server, .fini = teardown)
     cr_assert_null(strstr(out, "snitun_client"));
     cr_assert_null(strstr(out, "engine_info{"));   /* info rows at 0 are hidden */
     cr_assert_eq(strncmp(out, "# HELP snitun_tunnels_connected ", 32), 0);
-    /* 16 server + shared metrics, 2 comment lines each */
+    /* 24 server + shared metrics, 2 comment lines each */
     size_t help = 0, type = 0;
     for (const char *p = out; (p = strstr(p, "\n# HELP ")) != NULL; p++)
         help++;
     for (const char *p = out; (p = strstr(p, "\n# TYPE ")) != NULL; p++)
         type++;
-    cr_assert_eq(help + 1, 16);
-    cr_assert_eq(type, 16);
+    cr_assert_eq(help + 1, 24);
+    cr_assert_eq(type, 24);
     cr_assert_eq(out[len - 1], '\n');
     free(out);
 }

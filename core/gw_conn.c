@@ -30,6 +30,7 @@
  *    connection leaves this file, whichever way.
  */
 #include "core/gw_impl.h"
+#include "crypto/b64.h"
 
 #include <errno.h>
 #include <search.h>
@@ -388,6 +389,13 @@ static enum step step_token(struct gw_conn *c)
         return STEP_MORE;
     if (b[0] != 'g' || (n >= 2 && b[1] != 'A')) {
         conn_reject(c, GW_REJ_GARBAGE, "not_a_token");
+        return STEP_DONE;
+    }
+    /* A byte no token can hold: refuse now instead of holding a handshake
+     * slot until the deadline (and count it as what it is). */
+    if (!b64_url_prefix_ok((const char *)b, n)) {
+        sh->ctr.token[TOKEN_BAD_BASE64]++;
+        conn_reject(c, GW_REJ_TOKEN, token_strerror(TOKEN_BAD_BASE64));
         return STEP_DONE;
     }
     now = now_real();

@@ -57,6 +57,21 @@ static char to_std(char c)
     return 0;
 }
 
+bool b64_url_prefix_ok(const char *in, size_t n)
+{
+    size_t i = 0, pad = 0;
+
+    while (i < n && to_std(in[i]) != 0)
+        i++;
+    while (i < n && in[i] == '=' && pad < 2) {
+        i++;
+        pad++;
+    }
+    while (i < n && is_space(in[i]))
+        i++;
+    return i == n;
+}
+
 int b64_url_decode(const char *in, size_t n, uint8_t *out, size_t *outlen)
 {
     char buf[DEC_CHUNK];

@@ -21,6 +21,7 @@
 #ifndef CRYPTO_B64_H
 #define CRYPTO_B64_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -39,5 +40,12 @@ size_t b64_url_encode(const uint8_t *in, size_t n, char *out);
  * in *outlen; on malformed input returns -1 and out holds garbage. Never
  * reads past in[n - 1]. */
 int b64_url_decode(const char *in, size_t n, uint8_t *out, size_t *outlen);
+
+/* Whether in[0..n) can still be the beginning of something
+ * b64_url_decode() accepts: digits of either alphabet, then at most two
+ * '=', then only trailing whitespace. A reader that receives a token in
+ * pieces uses it to give up at the first impossible byte instead of
+ * waiting for more. */
+bool b64_url_prefix_ok(const char *in, size_t n);
 
 #endif

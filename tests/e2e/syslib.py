@@ -214,7 +214,7 @@ class Gateway(Snitun, AdminMixin):
             argv += ["--admin-listen", "127.0.0.1:%d" % self.admin_port]
         argv += list(extra)
         super().__init__(argv, "sys-gw")
-        if not self.wait_log(r"msg=\"?gateway started", timeout=20 if ASAN else 10):
+        if not self.wait_log(r"msg\"?[=:]\"?gateway started", timeout=20 if ASAN else 10):
             self.stop(expect_rc=None)
             raise AssertionError("gateway did not start:\n" + self.text()[-3000:])
         if admin:
@@ -246,15 +246,15 @@ class Client(Snitun, AdminMixin):
 
     def wait_connected(self, count=1, timeout=None):
         timeout = timeout or (20 if ASAN else 10)
-        if not self.wait_log(r"msg=\"?connected\b", timeout=timeout, count=count):
+        if not self.wait_log(r"msg\"?[=:]\"?connected\b", timeout=timeout, count=count):
             raise AssertionError("client not connected (%d times) within %.0f s:\n%s"
                                  % (count, timeout, self.text()[-3000:]))
 
     def connected_count(self):
-        return self.count(r"msg=\"?connected\b")
+        return self.count(r"msg\"?[=:]\"?connected\b")
 
     def disconnected_count(self):
-        return self.count(r"msg=\"?disconnected\b")
+        return self.count(r"msg\"?[=:]\"?disconnected\b")
 
 
 # ---- tokens ----------------------------------------------------------------------

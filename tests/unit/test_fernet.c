@@ -186,6 +186,24 @@ Test(b64, tolerated_and_rejected)
     }
 }
 
+Test(b64, prefix_ok_agrees_with_decode)
+{
+    static const struct { const char *in; bool ok; } rows[] = {
+        { "", true }, { "g", true }, { "gA", true }, { "gAAA-_+/", true },
+        { "gAA=", true }, { "gA==", true }, { "gA==\r\n", true }, { "gA== ", true },
+        { "gA===", false }, { "gA=A", false }, { "gA\n=", false }, { "gA*", false },
+        { "*", false }, { "gA =", false }, { "gA.", false }, { "gA==\nA", false },
+    };
+
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++)
+        cr_expect_eq(b64_url_prefix_ok(rows[i].in, strlen(rows[i].in)), rows[i].ok,
+                     "row %zu '%s'", i, rows[i].in);
+    /* Everything the decoder accepts is a good prefix, at every length. */
+    const char *tok = "gAAAAABoTuGAR1tJzDwz6IE1ZlF9vu8Z+/==\r\n";
+    for (size_t n = 0; n <= strlen(tok); n++)
+        cr_assert(b64_url_prefix_ok(tok, n), "prefix %zu", n);
+}
+
 Test(b64, never_reads_past_the_length)
 {
     /* "Zm9v" followed by garbage that must not be looked at. */

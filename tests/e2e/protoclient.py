@@ -206,6 +206,12 @@ class Tunnel:
         return Frame(fid, flow, size, extra, data, caller)
 
     def close(self):
+        # shutdown() wakes a relay thread blocked in recv() on this socket;
+        # close() alone would leave the connection open until it returns.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -251,7 +257,14 @@ class Tunnel:
             self.relay_error = e
         except Exception as e:  # noqa: BLE001 - reported by the test
             self.relay_error = e
+        # shutdown() first: close() alone does not end a connection whose
+        # pump thread is blocked in recv() (the blocked call holds the file),
+        # so the endpoint would wait for a FIN that never comes.
         for ep in list(self.channels.values()):
+            try:
+                ep.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 ep.close()
             except OSError:

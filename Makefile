@@ -8,15 +8,17 @@
 #   make demo       gateway + client + HTTPS endpoint on loopback, one page
 #                   fetched through the tunnel by SNI, everything stopped
 #   make bench      the benchmark suite (bench/run; about 10 minutes)
+#   make soak       soak test, not in CI (tests/soak; SOAK_SECONDS=600 by default)
 #   make clean
 
 MAKEFLAGS  += --no-print-directory
 BUILD      ?= build
 JOBS       ?= $(shell nproc)
 FUZZ_SECONDS ?= 20
+SOAK_SECONDS ?= 600
 CTEST_ARGS ?=
 
-.PHONY: all deps build test asan fuzz demo bench bench-quick clean
+.PHONY: all deps build test asan fuzz demo bench bench-quick soak clean
 
 all: build
 
@@ -51,6 +53,9 @@ bench:
 
 bench-quick:
 	@./bench/run --quick --build $(BUILD) $(BENCH_ARGS)
+
+soak: build
+	@python3 tests/soak/soak.py --bin $(BUILD)/snitun --duration $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(BUILD) build-asan build-fuzz

@@ -627,7 +627,8 @@ struct client *client_new(const struct client_cfg *cfg, char *err, size_t errlen
     cl->chans.timeout_ms = cfg->endpoint_timeout_ms;
     cl->chans.on_idle = chans_idle;
     cl->chans.ctx = cl;
-    if ((cl->metrics = metrics_new(1, METRICS_CLIENT)) == NULL) {
+    /* slot 0: the loop thread; slot 1: the admin listener's thread */
+    if ((cl->metrics = metrics_new(2, METRICS_CLIENT)) == NULL) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
@@ -668,9 +669,17 @@ static bool admin_ready(void *ctx)
     return metrics_value(ctx, METRIC_CLIENT_CONNECTED, 0) == 1;
 }
 
+/* On libmicrohttpd's thread: the admin's own metrics slot (1). */
+static void admin_dropped(void *ctx, enum admin_drop why)
+{
+    metrics_inc_reason(ctx, 1, METRIC_ADMIN_DROPS, why == ADMIN_DROP_LIMIT ? "limit" : "deadline",
+                       1);
+}
+
 static int admin_up(struct client *cl)
 {
-    struct admin_cb cb = { .render = admin_render, .ready = admin_ready, .ctx = cl->metrics };
+    struct admin_cb cb = { .render = admin_render, .ready = admin_ready,
+                           .dropped = admin_dropped, .ctx = cl->metrics };
     char err[256];
 
     if (cl->cfg.admin == NULL)

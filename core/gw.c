@@ -287,6 +287,12 @@ static int user_lookup(struct gw *g, char *err, size_t errlen)
 
 struct gw *gw_new(const struct gw_cfg *cfg, char *err, size_t errlen, bool *usage)
 {
+    return gw_build(cfg, true, err, errlen, usage);
+}
+
+struct gw *gw_build(const struct gw_cfg *cfg, bool listen, char *err, size_t errlen,
+                    bool *usage)
+{
     struct gw *g;
 
     *usage = true;
@@ -309,18 +315,19 @@ struct gw *gw_new(const struct gw_cfg *cfg, char *err, size_t errlen, bool *usag
     atomic_init(&g->shards_done, 0);
     gw_seen_init(&g->seen);
     g->main_slot = g->nshards;
+    g->admin_slot = g->nshards + 1;
     if (user_lookup(g, err, errlen) != 0)
         goto fail;
     g->keys = keys_build(cfg, err, errlen, usage);
     if (g->keys == NULL)
         goto fail;
     g->tab = hosttab_new();
-    g->metrics = metrics_new(g->nshards + 1, METRICS_SERVER);
+    g->metrics = metrics_new(g->nshards + 2, METRICS_SERVER);
     if (g->tab == NULL || g->metrics == NULL || shards_new(g) != 0) {
         snprintf(err, errlen, "out of memory (hostname table, metrics or shards)");
         goto fail;
     }
-    if (open_listeners(g, err, errlen) != 0)
+    if (listen && open_listeners(g, err, errlen) != 0)
         goto fail;
     return g;
 fail:
@@ -799,8 +806,9 @@ static void post_stop(struct gw *g)
         mbox_post(&g->shards[s].mbox, &g->shards[s].stop_msg, on_stop_msg);
 }
 
-/* Admin callbacks, on libmicrohttpd's thread: both read only what is safe
- * to read from any thread (the metrics, an atomic flag). */
+/* Admin callbacks, on libmicrohttpd's thread: render and ready read only
+ * what is safe to read from any thread (the metrics, an atomic flag);
+ * dropped writes the admin's own metrics slot. */
 static int admin_render(void *ctx, char **out, size_t *len)
 {
     const struct gw *g = ctx;
@@ -815,9 +823,19 @@ static bool admin_ready(void *ctx)
     return atomic_load(&g->ready);
 }
 
+/* The admin listener's own slot: it is the only writer there. */
+static void admin_dropped(void *ctx, enum admin_drop why)
+{
+    struct gw *g = ctx;
+
+    metrics_inc_reason(g->metrics, g->admin_slot, METRIC_ADMIN_DROPS,
+                       why == ADMIN_DROP_LIMIT ? "limit" : "deadline", 1);
+}
+
 static int admin_up(struct gw *g)
 {
-    struct admin_cb cb = { .render = admin_render, .ready = admin_ready, .ctx = g };
+    struct admin_cb cb = { .render = admin_render, .ready = admin_ready,
+                           .dropped = admin_dropped, .ctx = g };
     char err[256];
 
     if (g->cfg->admin == NULL)

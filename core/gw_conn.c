@@ -414,7 +414,8 @@ static enum step step_token(struct gw_conn *c)
         return start_challenge(c);
     }
     /* A Fernet-layer failure may just be a token cut by TCP: every byte
-     * that arrives before the challenge belongs to the token (2.7). */
+     * that arrives before the challenge belongs to the token (2.7). If
+     * none comes, on_deadline names the failure (token_deadline_verdict). */
     if (e >= TOKEN_BAD_BASE64 && e <= TOKEN_BAD_PADDING) {
         if (n < GW_TOKEN_MAX)
             return STEP_MORE;
@@ -533,15 +534,49 @@ static void on_sent(struct eng_op *op, int res)
         conn_step(c);
 }
 
+/* The token stage's deadline with token bytes buffered. step_token kept
+ * them after a Fernet-layer failure because more bytes might complete the
+ * token (2.7); no more will come now, so judge what is there. A failure
+ * that more bytes could have cured (missing base64 padding, a decoded
+ * length no token has: bad_base64 / bad_length, every byte having passed
+ * b64_url_prefix_ok) is a token cut short: a timeout. Anything else
+ * (bad_mac: a whole token under a key we do not have; bad_padding) is
+ * what the token is: rejected and counted under its own name. Returns
+ * true when it rejected c. */
+static bool token_deadline_verdict(struct gw_conn *c)
+{
+    struct gw_shard *sh = c->sh;
+    const struct gw_keys *k = rcu_dereference(sh->gw->keys);
+    struct claims cl;
+    enum token_err e;
+
+    e = token_verify(k->ks.v, k->ks.n, (const char *)c->buf + c->off, c->len - c->off,
+                     now_real(), &cl, NULL);
+    if (e == TOKEN_OK) {
+        /* Verifies only now (the keys were reloaded since the last read):
+         * the deadline has passed all the same. */
+        claims_fini(&cl);
+        return false;
+    }
+    if (e == TOKEN_BAD_BASE64 || e == TOKEN_BAD_LENGTH || (unsigned)e >= TOKEN_ERR_COUNT)
+        return false;
+    sh->ctr.token[e]++;
+    conn_reject(c, GW_REJ_TOKEN, token_strerror(e));
+    return true;
+}
+
 static void on_deadline(struct timer *t)
 {
     struct gw_conn *c = caa_container_of(t, struct gw_conn, deadline);
     const char *detail = NULL;
 
+    if (c->st == GW_ST_TOKEN && c->len > c->off) {
+        if (token_deadline_verdict(c))
+            return;
+        detail = "incomplete_token";
+    }
     if (c->st < GW_ST_COUNT)
         c->sh->ctr.timeout[c->st]++;
-    if (c->st == GW_ST_TOKEN && c->len > c->off)
-        detail = "incomplete_token";
     conn_reject(c, GW_REJ_TIMEOUT, detail);
 }
 

@@ -206,8 +206,9 @@ struct gw {
     struct gw_shard *shards;
     unsigned nshards;
     struct hosttab *tab;
-    struct metrics *metrics;     /* nshards + 1 slots: the last is main's */
+    struct metrics *metrics;     /* nshards + 2 slots: main's, then admin's */
     unsigned main_slot;          /* = nshards: metrics written by main */
+    unsigned admin_slot;         /* = nshards + 1: by the admin listener's thread */
     struct admin *admin;
     struct gw_seen seen;
     bool drop_priv;              /* --user given and found */
@@ -244,6 +245,13 @@ bool gw_seen_claim(struct gw_seen *s, const uint8_t *key, size_t len, double exp
 
 /* Entries held (expired ones not yet purged included). */
 size_t gw_seen_count(struct gw_seen *s);
+
+/* ---- gw.c ----------------------------------------------------------------- */
+
+/* gw_new(), with the listening sockets opened only when `listen` (the
+ * test hooks of core/gw_test.c build a gateway without them). */
+struct gw *gw_build(const struct gw_cfg *cfg, bool listen, char *err, size_t errlen,
+                    bool *usage);
 
 /* ---- gw.c: names ---------------------------------------------------------- */
 

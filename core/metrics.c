@@ -116,6 +116,10 @@ static const struct metric_def defs[] = {
         VALUES("io_uring", "epoll"), true },
     [METRIC_SHARDS] = { "snitun_shards",
         "Shards (event loop threads) running.", TYPE_GAUGE, S | C, NULL, NULL, false },
+    [METRIC_ADMIN_DROPS] = { "snitun_admin_connections_dropped_total",
+        "Admin listener connections refused (connection limits) or closed at their "
+        "deadline, by reason.", TYPE_COUNTER, S | C, "reason",
+        VALUES("limit", "deadline", "other"), false },
     [METRIC_CLIENT_CONNECTED] = { "snitun_client_connected",
         "1 while the tunnel to the gateway is up.", TYPE_GAUGE, C, NULL, NULL, false },
     [METRIC_CLIENT_RECONNECTS] = { "snitun_client_reconnects_total",

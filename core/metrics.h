@@ -67,6 +67,9 @@ enum metric_id {
     METRIC_LIMIT_REJECTS,         /* {limit} */
     METRIC_ENGINE_INFO,           /* gauge {engine}: enum metrics_engine */
     METRIC_SHARDS,                /* gauge */
+    METRIC_ADMIN_DROPS,           /* {reason}: admin connections refused or cut;
+                                     written by the admin listener's thread
+                                     (its own slot) */
     /* connector (snitun client) */
     METRIC_CLIENT_CONNECTED,      /* gauge: 1 while the tunnel is up */
     METRIC_CLIENT_RECONNECTS,
@@ -154,6 +157,9 @@ enum metrics_engine {            /* METRIC_ENGINE_INFO */
  *     channel not open), bad_new (v2 NEW with a short address block)
  *   limit_rejects_total{limit}: connections, tunnels, channels,
  *     handshakes, fds (EMFILE/ENFILE), other
+ *   admin_connections_dropped_total{reason}: limit (refused at accept: the
+ *     admin listener's connection limit or its per-IP share), deadline
+ *     (still open at its deadline: idle, slow or stuck), other
  */
 
 struct metrics;

@@ -1,16 +1,65 @@
-/* io/admin.c - the admin HTTP listener on libmicrohttpd; see io/admin.h. */
+/* io/admin.c - the admin HTTP listener on libmicrohttpd; see io/admin.h.
+ *
+ * Keeping the probes answered (io/admin.h "Connection limits"): three
+ * layers, each closing a hole the one before leaves open.
+ *
+ *   MHD_OPTION_PER_IP_CONNECTION_LIMIT  one source holds at most
+ *       ADMIN_PER_IP of the ADMIN_MAX_CONNS slots; MHD accepts and closes
+ *       the excess at once (and says so through the logger: counted);
+ *   MHD_OPTION_CONNECTION_TIMEOUT  an idle connection goes after
+ *       ADMIN_TIMEOUT_S; but any byte restarts that clock, so a client
+ *       trickling a header keeps its slot forever;
+ *   the reaper thread  every connection goes ADMIN_DEADLINE_MS after its
+ *       accept, whatever it sends (nginx's client_header_timeout, Go's
+ *       ReadHeaderTimeout): shutdown(2) on its socket, MHD sees the EOF
+ *       and closes it. The deadline is a little shorter than the idle
+ *       timeout, so that every connection still open then is cut (and
+ *       counted) here; the idle timeout stays as the backstop for one the
+ *       reaper could not list. A probe therefore waits at most about
+ *       ADMIN_DEADLINE_MS for a slot, even when every slot is taken (MHD
+ *       then stops accepting and the probe waits in the kernel backlog).
+ *
+ * Why shutdown() from another thread is safe: the reaper only touches
+ * sockets of its list, under `mu`; MHD's CLOSED notification removes the
+ * entry under `mu` before MHD closes the fd, so a listed fd is always the
+ * connection's own, never a reused number.
+ */
 #include "io/admin.h"
 
+#include <errno.h>
 #include <microhttpd.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <urcu/list.h>
 
 #include "core/log.h"
+#include "io/timer.h"
 
-#define ADMIN_MAX_CONNS 16
-#define ADMIN_TIMEOUT_S 10
+#define ADMIN_MAX_CONNS 64
+#define ADMIN_PER_IP 8
+#define ADMIN_TIMEOUT_S 3      /* MHD's idle timeout: the backstop */
+#define ADMIN_DEADLINE_MS 2500 /* reaper: accept to close, before the idle timeout */
+#define ADMIN_REAP_MS 100      /* reaper period: the deadline's precision */
+#define ADMIN_LOG_BURST 5      /* libmicrohttpd lines per second */
+
+/* libmicrohttpd's message when it refuses a connection at either limit
+ * (global or per IP; the same text for both in 0.9.x and 1.0.x). */
+#define MHD_LIMIT_MSG "Server reached connection limit"
+
+/* One accepted connection, from MHD's STARTED to its CLOSED notification. */
+struct admin_conn {
+    struct cds_list_head link;   /* in admin.conns, under admin.mu */
+    int fd;
+    uint64_t born_ms;            /* timer_clock_ms() at accept */
+    bool cut;                    /* shut down by the reaper */
+};
 
 struct admin {
     struct MHD_Daemon *d;
@@ -21,7 +70,22 @@ struct admin {
     bool capture;
     bool captured;
     char start_err[256];
+    /* the reaper: conns, stop and the thread under mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct cds_list_head conns;
+    bool stop;
+    bool reaper_up;
+    pthread_t reaper;
+    struct log_rl rl;            /* libmicrohttpd's lines once running */
 };
+
+/* Count a drop through the caller's hook (MHD's thread only). */
+static void dropped(struct admin *a, enum admin_drop why)
+{
+    if (a->cb.dropped != NULL)
+        a->cb.dropped(a->cb.ctx, why);
+}
 
 /* MHD_OPTION_EXTERNAL_LOGGER: the first message during start-up becomes
  * admin_start()'s error text; every other one goes to the log. */
@@ -40,7 +104,129 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
         snprintf(a->start_err, sizeof(a->start_err), "%s", msg);
         return;   /* admin_start() reports it; the caller logs that once */
     }
-    log_msg(LOG_WARN, "admin listener", "error", msg, NULL);
+    /* Once running, MHD speaks about what peers do (and a peer can make it
+     * speak at will): rate-limited lines. The only hook MHD gives for a
+     * refused connection is its message: counted here. */
+    if (strncmp(msg, MHD_LIMIT_MSG, strlen(MHD_LIMIT_MSG)) == 0) {
+        dropped(a, ADMIN_DROP_LIMIT);
+        log_ratelimited(&a->rl, LOG_WARN, "admin connection refused: connection limit",
+                        "max", LOG_U64(ADMIN_MAX_CONNS), "per_ip", LOG_U64(ADMIN_PER_IP), NULL);
+        return;
+    }
+    log_ratelimited(&a->rl, LOG_WARN, "admin listener", "error", msg, NULL);
+}
+
+/* ---- the reaper ------------------------------------------------------------ */
+
+/* MHD_OPTION_NOTIFY_CONNECTION, on MHD's thread: list the connection at
+ * STARTED, unlist it at CLOSED (before MHD closes its fd). A connection
+ * that could not be listed (no memory) still has the idle timeout. */
+static void on_conn(void *cls, struct MHD_Connection *c, void **sock_ctx,
+                    enum MHD_ConnectionNotificationCode code)
+{
+    struct admin *a = cls;
+    struct admin_conn *ac;
+    const union MHD_ConnectionInfo *ci;
+    bool cut;
+
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (ci == NULL || (ac = calloc(1, sizeof(*ac))) == NULL)
+            return;
+        ac->fd = ci->connect_fd;
+        ac->born_ms = timer_clock_ms();
+        pthread_mutex_lock(&a->mu);
+        cds_list_add_tail(&ac->link, &a->conns);
+        pthread_mutex_unlock(&a->mu);
+        *sock_ctx = ac;
+        return;
+    }
+    ac = *sock_ctx;
+    if (code != MHD_CONNECTION_NOTIFY_CLOSED || ac == NULL)
+        return;
+    *sock_ctx = NULL;
+    pthread_mutex_lock(&a->mu);
+    cds_list_del(&ac->link);
+    cut = ac->cut;
+    pthread_mutex_unlock(&a->mu);
+    free(ac);
+    if (cut)
+        dropped(a, ADMIN_DROP_DEADLINE);
+}
+
+/* Shut down every listed connection older than the deadline. Under mu. */
+static void reap(struct admin *a, uint64_t now)
+{
+    struct admin_conn *ac;
+
+    cds_list_for_each_entry(ac, &a->conns, link) {
+        if (ac->cut || now - ac->born_ms < ADMIN_DEADLINE_MS)
+            continue;
+        ac->cut = true;
+        /* MHD sees EOF (or an error) and closes it on its own thread */
+        shutdown(ac->fd, SHUT_RDWR);
+    }
+}
+
+static void *reaper_main(void *arg)
+{
+    struct admin *a = arg;
+    struct timespec ts;
+
+    pthread_mutex_lock(&a->mu);
+    while (!a->stop) {
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += ADMIN_REAP_MS * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&a->cv, &a->mu, &ts);
+        if (!a->stop)
+            reap(a, timer_clock_ms());
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
+/* The reaper's mutex, condition (on CLOCK_MONOTONIC) and thread. */
+static int reaper_start(struct admin *a)
+{
+    pthread_condattr_t ca;
+    int rc;
+
+    CDS_INIT_LIST_HEAD(&a->conns);
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&a->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    rc = pthread_create(&a->reaper, NULL, reaper_main, a);
+    a->reaper_up = rc == 0;
+    return rc == 0 ? 0 : -rc;
+}
+
+static void reaper_stop(struct admin *a)
+{
+    if (a->reaper_up) {
+        pthread_mutex_lock(&a->mu);
+        a->stop = true;
+        pthread_cond_signal(&a->cv);
+        pthread_mutex_unlock(&a->mu);
+        pthread_join(a->reaper, NULL);
+        a->reaper_up = false;
+    }
+}
+
+/* After MHD_stop_daemon (every CLOSED delivered, so the list is empty) or
+ * when the daemon never started. */
+static void admin_free(struct admin *a)
+{
+    reaper_stop(a);
+    pthread_cond_destroy(&a->cv);
+    pthread_mutex_destroy(&a->mu);
+    pthread_mutex_destroy(&a->rl.lock);
+    free(a);
 }
 
 /* Queue a response; body is copied unless it is a static string. */
@@ -126,6 +312,7 @@ struct admin *admin_start(const struct net_addr *listen, const struct admin_cb *
     const union MHD_DaemonInfo *info;
     struct admin *a;
     unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG;
+    int rc;
 
     if (addr_to_sockaddr(listen, &ss) == 0) {
         set_err(err, errlen, listen, "no IPv4 or IPv6 address given");
@@ -136,6 +323,12 @@ struct admin *admin_start(const struct net_addr *listen, const struct admin_cb *
         return NULL;
     }
     a->cb = *cb;
+    log_rl_init(&a->rl, ADMIN_LOG_BURST);
+    if ((rc = reaper_start(a)) != 0) {
+        set_err(err, errlen, listen, strerror(-rc));
+        admin_free(a);
+        return NULL;
+    }
     if (listen->family == AF_INET6)
         flags |= MHD_USE_IPv6;   /* without MHD_USE_DUAL_STACK: v6 only */
     a->capture = true;
@@ -143,7 +336,9 @@ struct admin *admin_start(const struct net_addr *listen, const struct admin_cb *
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_log, a,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                             MHD_OPTION_CONNECTION_LIMIT, (unsigned)ADMIN_MAX_CONNS,
+                            MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)ADMIN_PER_IP,
                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)ADMIN_TIMEOUT_S,
+                            MHD_OPTION_NOTIFY_CONNECTION, on_conn, a,
                             MHD_OPTION_END);
     __atomic_store_n(&a->capture, false, __ATOMIC_RELEASE);
     if (a->d == NULL) {
@@ -151,7 +346,7 @@ struct admin *admin_start(const struct net_addr *listen, const struct admin_cb *
                 __atomic_load_n(&a->captured, __ATOMIC_ACQUIRE)
                     ? a->start_err
                     : "libmicrohttpd could not start (address in use or not local?)");
-        free(a);
+        admin_free(a);
         return NULL;
     }
     info = MHD_get_daemon_info(a->d, MHD_DAEMON_INFO_BIND_PORT);
@@ -163,8 +358,10 @@ void admin_stop(struct admin *a)
 {
     if (a == NULL)
         return;
+    /* reaper first: it must not shut down sockets MHD is closing */
+    reaper_stop(a);
     MHD_stop_daemon(a->d);
-    free(a);
+    admin_free(a);
 }
 
 unsigned admin_port(const struct admin *a)

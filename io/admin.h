@@ -12,12 +12,24 @@
  *                 there is none), else 503 "not ready\n".
  *   other paths   404 "not found\n".
  *   other methods 405 with "Allow: GET, HEAD". HEAD is GET without a body.
- * The query string is ignored. At most 16 connections, 10 s idle timeout.
+ * The query string is ignored.
+ *
+ * Connection limits (so that idle or trickling clients cannot keep a
+ * liveness probe out; io/admin.c has the why of each): at most 64
+ * connections, at most 8 from one IP address (the excess is accepted and
+ * closed at once), and every connection is closed 2.5 s after its accept
+ * (idle or not, request finished or not; keep-alive clients reconnect;
+ * libmicrohttpd's 3 s idle timeout is the backstop). A probe from an
+ * address under its share is answered at once; one that finds every slot
+ * taken waits at most about 2.5 s. Refused and cut connections are
+ * reported through admin_cb.dropped.
  *
  * Threads: the callbacks run on libmicrohttpd's thread, concurrently with
  * the shards, so they may only read state that is safe to read from
  * another thread (metrics_render() is; a ready flag read with an atomic
- * load is). They never run after admin_stop() has returned.
+ * load is). They never run after admin_stop() has returned, and never
+ * two at a time. A second thread of ours (the reaper) enforces the
+ * per-connection deadline; it calls nothing of the caller's.
  *
  * Exposure: admin_start() binds whatever address it is given. Refusing a
  * non-loopback address (unless the operator allowed it) is the caller's
@@ -32,6 +44,12 @@
 
 #include "core/addr.h"
 
+/* Why the admin listener dropped a connection (admin_cb.dropped). */
+enum admin_drop {
+    ADMIN_DROP_LIMIT = 1,     /* refused at accept: all slots, or the IP's share, taken */
+    ADMIN_DROP_DEADLINE = 2,  /* still open at its deadline (idle, slow or stuck client) */
+};
+
 struct admin_cb {
     /* Fill *out with a heap buffer (malloc; admin frees it) of *len bytes:
      * 0 on success, anything else fails the request with 500. NULL: no
@@ -39,6 +57,9 @@ struct admin_cb {
     int (*render)(void *ctx, char **out, size_t *len);
     /* Readiness for /readyz; NULL means always ready. */
     bool (*ready)(void *ctx);
+    /* One connection dropped (for a counter: calls never overlap); NULL:
+     * not reported. */
+    void (*dropped)(void *ctx, enum admin_drop why);
     void *ctx;
 };
 

@@ -7,8 +7,12 @@ tunnel, which keeps serving device connections after each case:
 - garbage first bytes; a lone 'g' followed by something other than 'A'
   (while a lone 'g' alone is waited on);
 - unknown SNI name, no SNI (IP-literal hello), a non-ClientHello handshake;
-- a token under a key the gateway lacks (closed at the handshake
-  deadline), an expired token (closed at once), a wrong challenge answer;
+- a token under a key the gateway lacks, in one write, connection left
+  open: kept until the handshake deadline (more bytes might have completed
+  it), then closed and counted as what it is (bad_mac in the log line,
+  handshakes_total{result="bad_mac"}), not as a timeout; a token cut short
+  and an idle peer connection stay timeouts; an expired token (closed at
+  once), a wrong challenge answer;
 - the limits --max-handshakes-per-ip and --max-handshakes;
 - a token that expires while the tunnel is up closes the tunnel;
 - accepted the other way round: a hello with an upper-case name and one
@@ -39,8 +43,12 @@ def check(cond, what):
 class Env:
     def __init__(self, io):
         self.port = L.free_port()
-        self.gw = L.Gateway([("listen", "127.0.0.1:%d" % self.port)], io=io, threads=1,
+        self.pport = L.free_port()
+        self.gw = L.Gateway([("listen", "127.0.0.1:%d" % self.port),
+                             ("peer-listen", "127.0.0.1:%d" % self.pport)], io=io, threads=1,
                             extra=["--handshake-timeout", "1", "--challenge-timeout", "1"])
+        # the readiness probes of L.Gateway (connect + close) are settled
+        check(self.gw.wait_log(r"reason=eof", count=2), "probe connections released")
         tok = L.issue_token(L.HELLO_NAME, version=2)
         self.t = P.connect("127.0.0.1", self.port, tok, "aes-cbc", L.AES_KEY, L.AES_IV, 2)
         self.ping()
@@ -123,9 +131,62 @@ def lone_g(env):
     env.still_serving()
 
 
+HSK = "snitun_handshakes_total"
+DROPS = "snitun_connections_dropped_total"
+
+
+def at_deadline(env, port, payload, want, detail):
+    """payload in one write, the connection left open: nothing happens
+    before the 1 s handshake deadline, then a silent close; the counters in
+    want (series -> delta) move exactly so, and the last "connection
+    rejected" line carries the expected reason and detail."""
+    series = [(HSK, 'result="%s"' % r) for r in ("timeout", "bad_mac", "bad_base64",
+                                                  "bad_length", "bad_padding")]
+    series += [(DROPS, 'reason="%s"' % r) for r in ("timeout", "bad_token")]
+    before = {k: env.metric(*k) for k in series}
+    nlines = env.gw.text().count('msg="connection rejected"')
+    d = L.connect("127.0.0.1", port)
+    t0 = time.time()
+    if payload:
+        d.sendall(payload)
+    check(L.closed_without_data(d, 4), "closed without a byte")
+    took = time.time() - t0
+    d.close()
+    check(0.9 <= took <= 2.2, "closed after %.2fs, expected at the 1 s deadline" % took)
+    check(env.gw.wait_log(r'msg="connection rejected"', count=nlines + 1),
+          "rejection logged")
+    line = [ln for ln in env.gw.text().splitlines() if 'msg="connection rejected"' in ln][-1]
+    for kv in detail:
+        check(kv in line.split(), "%r in the log line: %s" % (kv, line))
+    time.sleep(0.05)
+    for k in series:
+        got = env.metric(*k) - before[k]
+        check(got == want.get(k, 0), "%s{%s}: +%g, want +%d" % (k + (got, want.get(k, 0))))
+    env.still_serving()
+
+
 def bad_key(env):
+    """A whole token under a key the gateway lacks: bad_mac, at the deadline."""
     tok = L.issue_token(L.HELLO_NAME, fernet_key=K3).encode()
-    refused(env, tok, "snitun_handshakes_total", 'result="timeout"', delay_ok=1.2)
+    for port in (env.port, env.pport):
+        at_deadline(env, port, tok, {(HSK, 'result="bad_mac"'): 1,
+                                     (DROPS, 'reason="bad_token"'): 1},
+                    ["stage=token", "reason=bad_token", "detail=bad_mac"])
+
+
+def cut_token(env):
+    """Part of a valid token (no more will come): still a timeout."""
+    tok = L.issue_token(L.HELLO_NAME).encode()
+    at_deadline(env, env.port, tok[:100], {(HSK, 'result="timeout"'): 1,
+                                           (DROPS, 'reason="timeout"'): 1},
+                ["stage=token", "reason=timeout", "detail=incomplete_token"])
+
+
+def idle_peer(env):
+    """No token byte at all on the peer port: a timeout."""
+    at_deadline(env, env.pport, b"", {(HSK, 'result="timeout"'): 1,
+                                      (DROPS, 'reason="timeout"'): 1},
+                ["stage=token", "reason=timeout"])
 
 
 def expired(env):
@@ -275,7 +336,9 @@ def main():
                   "snitun_sni_rejects_total", 'reason="not_hello"', 0.3)
             r.run("%s: incomplete hello times out" % io, refused, env, HELLO[:100],
                   "snitun_sni_rejects_total", 'reason="timeout"', 1.2)
-            r.run("%s: token under an unknown key" % io, bad_key, env)
+            r.run("%s: token under an unknown key: bad_mac at the deadline" % io, bad_key, env)
+            r.run("%s: token cut short: timeout" % io, cut_token, env)
+            r.run("%s: nothing on the peer port: timeout" % io, idle_peer, env)
             r.run("%s: expired token" % io, expired, env)
             r.run("%s: wrong challenge answer" % io, wrong_answer, env)
             r.run("%s: upper-case, fragmented, trailing bytes routed" % io, accepted_variants,

@@ -8,7 +8,7 @@ what an operator reads. With both engines where the engine matters.
   sent (the counters count DATA payload, so they are exact), frames by type
   (exact counts of NEW, DATA, PING), channel and tunnel closes by reason,
   handoffs (equal to the shards' own handoffs_out), connections accepted;
-  failed handshakes by reason (expired, bad_answer, timeout), device
+  failed handshakes by reason (expired, bad_answer, bad_mac), device
   rejects (unknown_name, not_tls), connections_dropped_total by reason;
   /healthz 200, /readyz 200, engine_info, shards, fernet_keys;
 - the client's /metrics: connected, bytes per direction (exact), channels,
@@ -316,6 +316,7 @@ def gateway_metrics_run(gw, port, io):
     s = L.connect("127.0.0.1", port)
     s.sendall(unknown.encode())
     check(L.closed_without_data(s, 4), "token under an unknown key: closed at the deadline")
+    # counted as what it is (bad_mac), not as a timeout
     s.close()
     for payload in (UNKNOWN_HELLO, b"GET / HTTP/1.0\r\n\r\n"):
         s = L.connect("127.0.0.1", port)
@@ -325,13 +326,14 @@ def gateway_metrics_run(gw, port, io):
     wait_metrics(ap, {
         S("snitun_handshakes_total", result="expired"): 1,
         S("snitun_handshakes_total", result="bad_answer"): 1,
-        S("snitun_handshakes_total", result="timeout"): 1,
+        S("snitun_handshakes_total", result="bad_mac"): 1,
+        S("snitun_handshakes_total", result="timeout"): 0,
         S("snitun_handshakes_total", result="ok"): 0,
         S("snitun_sni_rejects_total", reason="unknown_name"): 1,
         S("snitun_sni_rejects_total", reason="not_tls"): 1,
-        S("snitun_connections_dropped_total", reason="bad_token"): 1,
+        S("snitun_connections_dropped_total", reason="bad_token"): 2,
         S("snitun_connections_dropped_total", reason="bad_answer"): 1,
-        S("snitun_connections_dropped_total", reason="timeout"): 1,
+        S("snitun_connections_dropped_total", reason="timeout"): 0,
         S("snitun_connections_dropped_total", reason="unknown_name"): 1,
         S("snitun_connections_dropped_total", reason="not_tls_or_token"): 1,
         S("snitun_connections_accepted_total", listener="single"): 5}, base)

@@ -1,5 +1,9 @@
 /* tests/unit/test_admin.c - io/admin on loopback: every route, status,
- * content type and body, the start-up errors, and the loopback check.
+ * content type and body, the start-up errors, the loopback check, and the
+ * connection limits: idle or trickling clients (32 idle from one address,
+ * 64 from eight, one sending a byte every 200 ms) never keep /healthz and
+ * /metrics from answering for longer than the 2.5 s deadline (+ 1 s of
+ * slack), and every refused or cut connection is reported exactly once.
  *
  * The client is a plain blocking socket sending one HTTP/1.1 request with
  * "Connection: close" and reading to EOF, so the test sees the exact bytes
@@ -7,6 +11,8 @@
  */
 #include <criterion/criterion.h>
 #include <arpa/inet.h>
+#include <errno.h>
+#include <poll.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +22,7 @@
 #include <unistd.h>
 
 #include "io/admin.h"
+#include "io/timer.h"
 
 /* ---- a minimal HTTP client ---------------------------------------------- */
 
@@ -326,4 +333,222 @@ Test(admin, loopback)
     }
     struct net_addr none = { 0 };
     cr_assert_not(admin_addr_is_loopback(&none));
+}
+
+/* ---- connection limits ------------------------------------------------------ */
+
+#define DEADLINE_MS 2500   /* io/admin.c ADMIN_DEADLINE_MS */
+#define SLACK_MS 1000
+
+struct drops {
+    unsigned limit, deadline;
+};
+
+static void dropped_cb(void *ctx, enum admin_drop why)
+{
+    struct drops *d = ctx;
+
+    if (why == ADMIN_DROP_LIMIT)
+        __atomic_add_fetch(&d->limit, 1, __ATOMIC_RELAXED);
+    else if (why == ADMIN_DROP_DEADLINE)
+        __atomic_add_fetch(&d->deadline, 1, __ATOMIC_RELAXED);
+    else
+        cr_assert_fail("unknown drop reason %d", (int)why);
+}
+
+static unsigned drops_of(unsigned *v)
+{
+    return __atomic_load_n(v, __ATOMIC_RELAXED);
+}
+
+static int render_plain(void *ctx, char **out, size_t *len)
+{
+    (void)ctx;
+    *out = strdup(metrics_body);
+    *len = strlen(metrics_body);
+    return 0;
+}
+
+static struct admin *start_counting(struct drops *d, struct net_addr *bound)
+{
+    struct admin_cb cb = { .render = render_plain, .dropped = dropped_cb, .ctx = d };
+    struct net_addr a = loop4(0);
+    char err[256] = "";
+    struct admin *ad;
+
+    ad = admin_start(&a, &cb, err, sizeof(err));
+    cr_assert_not_null(ad, "admin_start: %s", err);
+    *bound = loop4(admin_port(ad));
+    return ad;
+}
+
+/* A TCP connection to `to` from 127.0.0.<src> (a different source address
+ * for the per-IP limit: all of 127/8 is local). */
+static int connect_from(unsigned src3, unsigned src4, const struct net_addr *to)
+{
+    struct sockaddr_in me = { .sin_family = AF_INET };
+    struct sockaddr_storage ss;
+    socklen_t sl = addr_to_sockaddr(to, &ss);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+    cr_assert(fd >= 0);
+    me.sin_addr.s_addr = htonl(0x7f000000u | (src3 << 8) | src4);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&me, sizeof(me)), 0, "bind: %s", strerror(errno));
+    cr_assert_eq(connect(fd, (struct sockaddr *)&ss, sl), 0, "connect: %s", strerror(errno));
+    return fd;
+}
+
+/* Whether the server closed fd: EOF or reset, within wait_ms. */
+static bool closed_within(int fd, int wait_ms)
+{
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    char b;
+
+    if (poll(&p, 1, wait_ms) != 1)
+        return false;
+    return recv(fd, &b, 1, MSG_DONTWAIT) <= 0;
+}
+
+/* One GET with Connection: close from 127.0.<src3>.<src4>; the status, or
+ * -1 when the connection was closed without an answer (refused). */
+static int try_get(unsigned src3, unsigned src4, const struct net_addr *to, const char *path)
+{
+    char req[128], buf[4096];
+    size_t n = 0;
+    ssize_t k;
+    int fd = connect_from(src3, src4, to), status = -1;
+    struct timeval tv = { .tv_sec = 6 };
+
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", path);
+    if (send(fd, req, strlen(req), MSG_NOSIGNAL) == (ssize_t)strlen(req)) {
+        while (n < sizeof(buf) - 1 && (k = recv(fd, buf + n, sizeof(buf) - 1 - n, 0)) > 0)
+            n += (size_t)k;
+        buf[n] = '\0';
+        if (sscanf(buf, "HTTP/1.%*d %d ", &status) != 1)
+            status = -1;
+    }
+    close(fd);
+    return status;
+}
+
+/* GET until answered (a refused attempt is retried after 50 ms); the ms
+ * it took, or -1 if no answer came within limit_ms. */
+static int64_t get_retrying(unsigned src3, unsigned src4, const struct net_addr *to,
+                            const char *path, int64_t limit_ms)
+{
+    uint64_t t0 = timer_clock_ms();
+
+    while ((int64_t)(timer_clock_ms() - t0) < limit_ms) {
+        int st = try_get(src3, src4, to, path);
+        if (st == 200)
+            return (int64_t)(timer_clock_ms() - t0);
+        cr_assert_eq(st, -1, "%s answered %d", path, st);
+        usleep(50 * 1000);
+    }
+    return -1;
+}
+
+Test(admin, idle_clients_from_one_address)
+{
+    struct drops d = { 0 };
+    struct net_addr to;
+    struct admin *ad = start_counting(&d, &to);
+    int fds[32], open_n = 0, closed_n = 0;
+    int64_t ms;
+    uint64_t t0;
+
+    /* 32 idle connections from 127.0.0.1: 8 held, 24 closed at once */
+    for (int i = 0; i < 32; i++)
+        fds[i] = connect_from(0, 1, &to);
+    t0 = timer_clock_ms();
+    usleep(300 * 1000);
+    for (int i = 0; i < 32; i++) {
+        if (closed_within(fds[i], 20))
+            closed_n++;
+        else
+            open_n++;
+    }
+    cr_assert_eq(open_n, 8, "held: %d, closed: %d", open_n, closed_n);
+    cr_assert_eq(closed_n, 24);
+    cr_assert_eq(drops_of(&d.limit), 24);
+
+    /* another address: answered at once, both routes */
+    ms = get_retrying(0, 2, &to, "/healthz", 1000);
+    cr_assert(ms >= 0 && ms < 500, "/healthz from 127.0.0.2 took %lld ms", (long long)ms);
+    ms = get_retrying(0, 2, &to, "/metrics", 1000);
+    cr_assert(ms >= 0 && ms < 500, "/metrics from 127.0.0.2 took %lld ms", (long long)ms);
+
+    /* the same address: answered once the idle ones hit their deadline */
+    ms = get_retrying(0, 1, &to, "/healthz", DEADLINE_MS + SLACK_MS);
+    cr_assert(ms >= 0, "/healthz from 127.0.0.1 not answered in %d ms",
+              DEADLINE_MS + SLACK_MS);
+    cr_assert_leq(timer_clock_ms() - t0, DEADLINE_MS + SLACK_MS);
+    for (int i = 0; i < 32; i++) {
+        cr_assert(closed_within(fds[i], 500), "connection %d still open", i);
+        close(fds[i]);
+    }
+    cr_assert_eq(drops_of(&d.deadline), 8);
+    cr_assert_geq(drops_of(&d.limit), 24);   /* + the refused retries */
+    admin_stop(ad);
+}
+
+Test(admin, every_slot_taken)
+{
+    struct drops d = { 0 };
+    struct net_addr to;
+    struct admin *ad = start_counting(&d, &to);
+    uint64_t t0 = timer_clock_ms();
+    int fds[64];
+    int64_t ms;
+
+    /* 64 idle connections, 8 from each of eight addresses: all slots */
+    for (int i = 0; i < 64; i++)
+        fds[i] = connect_from(1, 1 + (unsigned)i / 8, &to);
+    for (int i = 0; i < 64; i++)
+        cr_assert_not(closed_within(fds[i], i == 0 ? 300 : 0), "connection %d refused", i);
+    cr_assert_eq(drops_of(&d.limit), 0);
+    /* a ninth address: waits (or is refused) until slots free up, at the
+     * deadline of the first idle ones (counted from before they connected) */
+    ms = get_retrying(2, 1, &to, "/metrics", DEADLINE_MS + SLACK_MS);
+    cr_assert(ms >= 0, "/metrics not answered in %d ms", DEADLINE_MS + SLACK_MS);
+    ms = (int64_t)(timer_clock_ms() - t0);
+    cr_assert_geq(ms, DEADLINE_MS - 300, "answered after %lld ms: slots were free?",
+                  (long long)ms);
+    cr_log_info("ninth address answered after %lld ms (%u attempts refused)", (long long)ms,
+                drops_of(&d.limit));
+    for (int i = 0; i < 64; i++) {
+        cr_assert(closed_within(fds[i], 500), "connection %d still open", i);
+        close(fds[i]);
+    }
+    cr_assert_eq(drops_of(&d.deadline), 64);
+    admin_stop(ad);
+}
+
+Test(admin, trickling_client_cut_at_deadline)
+{
+    struct drops d = { 0 };
+    struct net_addr to;
+    struct admin *ad = start_counting(&d, &to);
+    int fd = connect_from(0, 3, &to);
+    uint64_t t0 = timer_clock_ms(), took;
+    const char *req = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    bool cut = false;
+
+    cr_assert_eq(send(fd, req, strlen(req), MSG_NOSIGNAL), (ssize_t)strlen(req));
+    /* a header byte every 200 ms: never idle for the 3 s idle timeout */
+    while (!cut && timer_clock_ms() - t0 < DEADLINE_MS + SLACK_MS + 2000) {
+        cut = closed_within(fd, 200);
+        if (!cut && send(fd, "a", 1, MSG_NOSIGNAL) != 1)
+            cut = true;
+    }
+    took = timer_clock_ms() - t0;
+    cr_assert(cut, "still open after %llu ms", (unsigned long long)took);
+    cr_assert(took >= DEADLINE_MS - 100 && took <= DEADLINE_MS + SLACK_MS, "cut after %llu ms",
+              (unsigned long long)took);
+    close(fd);
+    usleep(100 * 1000);
+    cr_assert_eq(drops_of(&d.deadline), 1);
+    cr_assert_eq(drops_of(&d.limit), 0);
+    admin_stop(ad);
 }

@@ -269,6 +269,12 @@ static const char client_text[] =
     "# HELP snitun_shards Shards (event loop threads) running.\n"
     "# TYPE snitun_shards gauge\n"
     "snitun_shards 2\n"
+    "# HELP snitun_admin_connections_dropped_total Admin listener connections refused "
+    "(connection limits) or closed at their deadline, by reason.\n"
+    "# TYPE snitun_admin_connections_dropped_total counter\n"
+    "snitun_admin_connections_dropped_total{reason=\"limit\"} 0\n"
+    "snitun_admin_connections_dropped_total{reason=\"deadline\"} 7\n"
+    "snitun_admin_connections_dropped_total{reason=\"other\"} 0\n"
     "# HELP snitun_client_connected 1 while the tunnel to the gateway is up.\n"
     "# TYPE snitun_client_connected gauge\n"
     "snitun_client_connected 1\n"
@@ -304,6 +310,7 @@ Test(metrics, render_client_exact, .init = setup_client, .fini = teardown)
     metrics_inc_label(m, 1, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW, 3);
     metrics_gauge_set(m, 0, METRIC_ENGINE_INFO, METRICS_ENGINE_EPOLL, 1);
     metrics_gauge_set(m, 0, METRIC_SHARDS, 0, 2);
+    metrics_inc_reason(m, 1, METRIC_ADMIN_DROPS, "deadline", 7);
     metrics_gauge_set(m, 0, METRIC_CLIENT_CONNECTED, 0, 1);
     metrics_inc(m, 0, METRIC_CLIENT_RECONNECTS, 4);
     metrics_inc_label(m, 0, METRIC_CLIENT_BYTES, METRICS_TUNNEL_TO_ENDPOINT, 1000);
@@ -373,14 +380,14 @@ Test(metrics, render_server, .init = setup_server, .fini = teardown)
     cr_assert_null(strstr(out, "snitun_client"));
     cr_assert_null(strstr(out, "engine_info{"));   /* info rows at 0 are hidden */
     cr_assert_eq(strncmp(out, "# HELP snitun_tunnels_connected ", 32), 0);
-    /* 24 server + shared metrics, 2 comment lines each */
+    /* 25 server + shared metrics, 2 comment lines each */
     size_t help = 0, type = 0;
     for (const char *p = out; (p = strstr(p, "\n# HELP ")) != NULL; p++)
         help++;
     for (const char *p = out; (p = strstr(p, "\n# TYPE ")) != NULL; p++)
         type++;
-    cr_assert_eq(help + 1, 24);
-    cr_assert_eq(type, 24);
+    cr_assert_eq(help + 1, 25);
+    cr_assert_eq(type, 25);
     cr_assert_eq(out[len - 1], '\n');
     free(out);
 }

@@ -4,7 +4,9 @@
 #include "io/eng_impl.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,10 +83,181 @@ static int slot_grow(struct eng *e, int fd)
     return 0;
 }
 
+/* ---- Picked-buffer pool ---------------------------------------------------- */
+
+static const size_t pclass_size[2] = { ENG_PBUF_SMALL, ENG_PBUF_BIG };
+static const size_t pclass_spare[2] = { ENG_PBUF_SPARE_SMALL, ENG_PBUF_SPARE_BIG };
+
+void *eng_pool_get(struct eng *e, enum eng_pclass pc)
+{
+    struct eng_pool *p = &e->pool[pc];
+    void *b = p->free;
+
+    if (b != NULL) {
+        memcpy(&p->free, b, sizeof(void *));
+        p->nfree--;
+        return b;
+    }
+    return malloc(pclass_size[pc]);
+}
+
+void eng_pool_recycle(struct eng *e, void *buf)
+{
+    enum eng_pclass pc;
+    struct eng_pool *p;
+
+    if (e->be->recycle != NULL && e->be->recycle(e, buf))
+        return;
+    /* The allocator knows the class: usable size is at least what was
+     * asked (exact with jemalloc, a little more with glibc). */
+    pc = malloc_usable_size(buf) >= ENG_PBUF_BIG ? ENG_PC_BIG : ENG_PC_SMALL;
+    p = &e->pool[pc];
+    if (p->nfree >= pclass_spare[pc]) {
+        free(buf);
+        return;
+    }
+    memcpy(buf, &p->free, sizeof(void *));
+    p->free = buf;
+    p->nfree++;
+}
+
+/* ---- Splice and the pipe pool -------------------------------------------- */
+
+static long splice_step(struct eng *e, struct eng_op *op)
+{
+    bool in = op->u.spl.dir == ENG_SPLICE_IN;
+    ssize_t n;
+
+    do {
+        n = in ? splice(op->fd, NULL, op->u.spl.pfd, NULL, op->u.spl.left,
+                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+               : splice(op->u.spl.pfd, NULL, op->fd, NULL, op->u.spl.left,
+                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    if (n > 0)
+        e->st.splices++;
+    return n;
+}
+
+bool eng_splice_run(struct eng *e, struct eng_op *op, int *res)
+{
+    for (;;) {
+        long n = splice_step(e, op);
+
+        if (op->u.spl.dir == ENG_SPLICE_IN) {
+            if (n == -EAGAIN)
+                return false;
+            *res = (int)n; /* bytes, 0 = EOF, or -errno */
+            return true;
+        }
+        if (n > 0) {
+            op->u.spl.left -= (size_t)n;
+            if (op->u.spl.left > 0)
+                continue;
+            *res = (int)op->u.spl.len;
+            return true;
+        }
+        if (n == -EAGAIN) {
+            if (op->u.spl.dir != ENG_SPLICE_OUT_TRY)
+                return false;
+            *res = (int)(op->u.spl.len - op->u.spl.left);
+            return true;
+        }
+        /* 0 out of a pipe means it was empty: the caller broke the contract
+         * ("the pipe holds len bytes"); report it rather than spin. */
+        *res = n == 0 ? -EIO : (int)n;
+        return true;
+    }
+}
+
+int eng_pipe_get(struct eng *e, int p[2])
+{
+    int cap;
+
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+        return -errno;
+    e->st.pipes_made++;
+    /* Fails beyond the per-user pipe limits: keep the default size. */
+    cap = fcntl(p[1], F_SETPIPE_SZ, ENG_PIPE_SIZE);
+    if (cap < 0)
+        cap = fcntl(p[1], F_GETPIPE_SZ);
+    if (cap <= 0) {
+        int err = cap < 0 ? errno : EINVAL;
+        close(p[0]);
+        close(p[1]);
+        return -err;
+    }
+    return cap;
+}
+
+void eng_pipe_put(struct eng *e, const int p[2])
+{
+    eng_close(e, p[0]);
+    eng_close(e, p[1]);
+}
+
+static void pool_fini(struct eng *e)
+{
+    for (int pc = ENG_PC_SMALL; pc <= ENG_PC_BIG; pc++) {
+        struct eng_pool *p = &e->pool[pc];
+
+        while (p->free != NULL) {
+            void *b = p->free;
+            memcpy(&p->free, b, sizeof(void *));
+            free(b);
+        }
+        p->nfree = 0;
+    }
+}
+
+/* A picked recv is ending with res: the buffer is the caller's (res > 0)
+ * or goes back before the callback. */
+static void pick_settle(struct eng *e, struct eng_op *op, int res)
+{
+    if (op->code != ENG_OP_RECV_PICK)
+        return;
+    if (res > 0) {
+        ENG_BUG_ON(op->u.rd.buf == NULL);
+        e->st.pbuf_lent++;
+        return;
+    }
+    if (op->u.rd.buf != NULL)
+        eng_pool_recycle(e, op->u.rd.buf);
+    op->u.rd.buf = NULL;
+}
+
+uint8_t *eng_buf_get(struct eng *e, size_t len)
+{
+    uint8_t *b;
+
+    if (len == 0 || len > ENG_PBUF_BIG)
+        return NULL;
+    b = eng_pool_get(e, eng_pclass_of(len));
+
+    if (b != NULL)
+        e->st.pbuf_lent++;
+    return b;
+}
+
+void eng_buf_put(struct eng *e, void *buf)
+{
+    ENG_BUG_ON(buf == NULL || e->st.pbuf_lent == 0);
+    e->st.pbuf_lent--;
+    eng_pool_recycle(e, buf);
+}
+
+static bool writes(const struct eng_op *op)
+{
+    return op->code == ENG_OP_SEND || op->code == ENG_OP_CONNECT ||
+           (op->code == ENG_OP_SPLICE && op->u.spl.dir != ENG_SPLICE_IN);
+}
+
 static struct eng_op **slot_side(struct eng *e, const struct eng_op *op)
 {
     struct eng_fdslot *s = eng_slot(e, op->fd);
-    return op->code == ENG_OP_SEND || op->code == ENG_OP_CONNECT ? &s->wr : &s->rd;
+    return writes(op) ? &s->wr : &s->rd;
 }
 
 static int slot_take(struct eng *e, struct eng_op *op)
@@ -120,6 +293,7 @@ static void slot_release(struct eng *e, struct eng_op *op)
 void eng_complete(struct eng *e, struct eng_op *op, int res)
 {
     slot_release(e, op);
+    pick_settle(e, op, res);
     op->state = ENG_OS_IDLE;
     op->more = false;
     e->st.completed++;
@@ -259,7 +433,14 @@ void eng_free(struct eng *e)
     if (e == NULL)
         return;
     ENG_BUG_ON(e->in_turn);
+    /* Results nobody will see: their buffers go back first. */
+    while (!cds_list_empty(&e->done)) {
+        struct eng_op *op = cds_list_first_entry(&e->done, struct eng_op, link);
+        cds_list_del(&op->link);
+        pick_settle(e, op, 0);
+    }
     e->be->fini(e);
+    pool_fini(e);
     free(e->slots);
     free(e);
 }
@@ -317,6 +498,7 @@ static void run_done(struct eng *e)
         cds_list_del(&op->link);
         op->state = ENG_OS_IDLE;
         op->more = false;
+        pick_settle(e, op, op->res);
         e->st.completed++;
         e->callbacks++;
         op->cb(op, op->res);
@@ -452,16 +634,30 @@ void eng_recv(struct eng *e, struct eng_op *op, int fd, void *buf, size_t len)
     start_rd(e, op, ENG_OP_RECV, fd, buf, len);
 }
 
+void eng_recv_pick(struct eng *e, struct eng_op *op, int fd, size_t len)
+{
+    start(e, op, ENG_OP_RECV_PICK, fd);
+    op->u.rd.buf = NULL;
+    if (len == 0) {
+        eng_finish_later(e, op, -EINVAL);
+        return;
+    }
+    op->u.rd.len = len > ENG_PBUF_BIG ? ENG_PBUF_BIG : len;
+    enqueue(e, op);
+}
+
 void eng_read(struct eng *e, struct eng_op *op, int fd, void *buf, size_t len)
 {
     start_rd(e, op, ENG_OP_READ, fd, buf, len);
 }
 
-void eng_send(struct eng *e, struct eng_op *op, int fd, struct iovec *iov, int iovcnt)
+static void send_flags(struct eng *e, struct eng_op *op, int fd, struct iovec *iov, int iovcnt,
+                       int flags)
 {
     size_t total = 0;
 
     start(e, op, ENG_OP_SEND, fd);
+    op->u.wr.flags = flags;
     for (int i = 0; iov != NULL && i < iovcnt && total <= INT_MAX; i++)
         total += iov[i].iov_len;
     if (iov == NULL || iovcnt < 1 || total == 0 || total > INT_MAX) {
@@ -472,6 +668,32 @@ void eng_send(struct eng *e, struct eng_op *op, int fd, struct iovec *iov, int i
     op->u.wr.iovcnt = iovcnt;
     op->u.wr.left = op->u.wr.total = total;
     eng_send_advance(op, 0); /* skip leading empty entries */
+    enqueue(e, op);
+}
+
+void eng_send(struct eng *e, struct eng_op *op, int fd, struct iovec *iov, int iovcnt)
+{
+    send_flags(e, op, fd, iov, iovcnt, 0);
+}
+
+void eng_send_more(struct eng *e, struct eng_op *op, int fd, struct iovec *iov, int iovcnt)
+{
+    send_flags(e, op, fd, iov, iovcnt, MSG_MORE);
+}
+
+void eng_splice(struct eng *e, struct eng_op *op, int fd, int pfd, size_t len,
+                enum eng_splice_dir dir)
+{
+    start(e, op, ENG_OP_SPLICE, fd);
+    op->u.spl.pfd = pfd;
+    op->u.spl.dir = (uint8_t)dir;
+    op->u.spl.len = op->u.spl.left = len;
+    if (pfd < 0 || len == 0 || len > INT_MAX || dir < ENG_SPLICE_IN ||
+        dir > ENG_SPLICE_OUT_TRY) {
+        op->u.spl.dir = ENG_SPLICE_IN; /* a valid slot side for the slot code */
+        eng_finish_later(e, op, -EINVAL);
+        return;
+    }
     enqueue(e, op);
 }
 

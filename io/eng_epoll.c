@@ -162,6 +162,40 @@ static void ep_park(struct eng_epoll *p, struct eng_op *op)
 
 /* ---- Attempts -------------------------------------------------------------- */
 
+/* A picked recv takes a pool buffer only for the attempt: parked, it
+ * holds none. */
+static void ep_pick(struct eng_epoll *p, struct eng_op *op)
+{
+    struct eng *e = &p->base;
+    void *b = eng_pool_get(e, eng_pclass_of(op->u.rd.len));
+
+    if (b == NULL) {
+        eng_complete(e, op, -ENOMEM);
+        return;
+    }
+    for (;;) {
+        ssize_t n = recv(op->fd, b, op->u.rd.len, MSG_DONTWAIT);
+        int err = errno;
+
+        if (n > 0) {
+            op->u.rd.buf = b;
+            e->st.pbuf_heap++;
+            eng_complete(e, op, (int)n);
+            return;
+        }
+        if (n == 0 || eng_verdict(op, -err) != ENG_V_RETRY) {
+            eng_pool_recycle(e, b);
+            eng_complete(e, op, n == 0 ? 0 : -err);
+            return;
+        }
+        if (err == EAGAIN) {
+            eng_pool_recycle(e, b);
+            ep_park(p, op);
+            return;
+        }
+    }
+}
+
 static void ep_rd(struct eng_epoll *p, struct eng_op *op)
 {
     for (;;) {
@@ -192,7 +226,7 @@ static void ep_send(struct eng_epoll *p, struct eng_op *op)
             .msg_iov = op->u.wr.iov,
             .msg_iovlen = (size_t)(op->u.wr.iovcnt > IOV_MAX ? IOV_MAX : op->u.wr.iovcnt),
         };
-        ssize_t n = sendmsg(op->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = sendmsg(op->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT | op->u.wr.flags);
         int err = errno;
 
         if (n > 0) {
@@ -214,6 +248,16 @@ static void ep_send(struct eng_epoll *p, struct eng_op *op)
             return;
         }
     }
+}
+
+static void ep_splice(struct eng_epoll *p, struct eng_op *op)
+{
+    int res;
+
+    if (eng_splice_run(&p->base, op, &res))
+        eng_complete(&p->base, op, res);
+    else
+        ep_park(p, op);
 }
 
 /* connect(2) once; after that, readiness means "finished": read SO_ERROR. */
@@ -299,6 +343,12 @@ static void ep_attempt(struct eng_epoll *p, struct eng_op *op)
     case ENG_OP_RECV:
     case ENG_OP_READ:
         ep_rd(p, op);
+        break;
+    case ENG_OP_RECV_PICK:
+        ep_pick(p, op);
+        break;
+    case ENG_OP_SPLICE:
+        ep_splice(p, op);
         break;
     case ENG_OP_SEND:
         ep_send(p, op);

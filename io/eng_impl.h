@@ -21,6 +21,10 @@
  * the io_uring cancel queue. An op holds its fd slot from start until it
  * leaves flight (its final result is known). The callback always runs
  * with the op IDLE, or ACTIVE/PENDING/PAUSED with more=true (accept).
+ * A RECV_PICK op holds no buffer while in flight (u.rd.buf NULL), except
+ * on io_uring after ENOBUFS or without a ring (a heap-pool buffer); with a
+ * result > 0 u.rd.buf is lent to the caller, with any other result the
+ * engine recycles it before the callback (eng.c pick_settle).
  */
 #ifndef IO_ENG_IMPL_H
 #define IO_ENG_IMPL_H
@@ -34,6 +38,8 @@ enum eng_opcode {
     ENG_OP_READ,
     ENG_OP_SEND,
     ENG_OP_CONNECT,
+    ENG_OP_RECV_PICK, /* recv into a buffer the engine picks (u.rd.buf) */
+    ENG_OP_SPLICE,    /* u.spl; read or write slot by direction */
 };
 
 enum eng_opstate {
@@ -79,7 +85,27 @@ struct eng_backend {
     void (*cancel)(struct eng *e, struct eng_op *op);
     /* fd is leaving the engine (no op in flight); close it if asked. */
     void (*forget)(struct eng *e, int fd, bool close_it);
+    /* buf came back: take it if it is one of the backend's own (ring)
+     * buffers and return true. NULL: the backend has none. */
+    bool (*recycle)(struct eng *e, void *buf);
 };
+
+/* Spare heap buffers of one class, linked through their first bytes. */
+struct eng_pool {
+    void *free;
+    size_t nfree;
+};
+
+/* Picked-buffer classes (eng.h ENG_PBUF_SMALL / ENG_PBUF_BIG). */
+enum eng_pclass {
+    ENG_PC_SMALL = 0,
+    ENG_PC_BIG = 1,
+};
+
+static inline enum eng_pclass eng_pclass_of(size_t len)
+{
+    return len > ENG_PBUF_SMALL ? ENG_PC_BIG : ENG_PC_SMALL;
+}
 
 struct eng {
     const struct eng_backend *be;
@@ -95,6 +121,7 @@ struct eng {
     uint64_t callbacks; /* this turn, for eng_run_once's result */
     bool stopped;
     bool in_turn;
+    struct eng_pool pool[2]; /* by enum eng_pclass */
     struct eng_stats st;
     char reason[192];
 };
@@ -136,7 +163,19 @@ void eng_accept_pause(struct eng *e, struct eng_op *op, int err);
 /* Back to the pending list (retry, short send, re-arm). */
 void eng_requeue(struct eng *e, struct eng_op *op);
 
+/* Nonblocking splice(2) steps of a splice op until it is finished (true,
+ * its result in *res) or must wait for its socket (false: EAGAIN). */
+bool eng_splice_run(struct eng *e, struct eng_op *op, int *res);
+
 /* Advance a send's iovec by n written bytes; returns bytes still left. */
 size_t eng_send_advance(struct eng_op *op, size_t n);
+
+/* Heap-pool buffer of class pc (NULL: out of memory); not counted as
+ * lent. */
+void *eng_pool_get(struct eng *e, enum eng_pclass pc);
+
+/* A buffer the engine holds goes back: to the backend's ring if it is a
+ * ring buffer, else to the heap pool (or free() beyond the spares). */
+void eng_pool_recycle(struct eng *e, void *buf);
 
 #endif

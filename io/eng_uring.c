@@ -15,15 +15,21 @@
 #include <liburing.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <poll.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define UR_SQ_ENTRIES 1024
 #define UR_CQ_ENTRIES 16384 /* multishot accept and many idle recvs */
+#define UR_BGID 0           /* the engine's one provided-buffer group */
 
 struct eng_uring {
     struct eng base;
     struct io_uring ring;
+    struct io_uring_buf_ring *br; /* provided buffers; NULL: heap fallback */
+    uint8_t *pbase;               /* ENG_RING_BUFS * ENG_PBUF_SMALL bytes */
+    size_t brlen;                 /* bytes mapped for br */
     struct cds_list_head cancels; /* ops whose cancel SQE is still to make */
     unsigned inflight;            /* ops the kernel holds */
     unsigned flags;               /* setup flags that worked */
@@ -66,7 +72,7 @@ static const struct {
     { IORING_OP_ACCEPT, "ACCEPT" }, { IORING_OP_RECV, "RECV" },
     { IORING_OP_READ, "READ" },     { IORING_OP_SEND, "SEND" },
     { IORING_OP_SENDMSG, "SENDMSG" }, { IORING_OP_CONNECT, "CONNECT" },
-    { IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL" },
+    { IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL" }, { IORING_OP_POLL_ADD, "POLL_ADD" },
 };
 
 /* kernel.io_uring_disabled: 0 on, 1 privileged only, 2 off; -1 unknown. */
@@ -118,6 +124,70 @@ static int ur_check_ops(struct eng_uring *u, char *why, size_t whylen)
     return rc;
 }
 
+/* The provided-buffer ring for eng_recv_pick. On a kernel without it
+ * (< 5.19) picks fall back to heap buffers held while the recv waits. */
+static void ur_ring_init(struct eng_uring *u)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t len = (ENG_RING_BUFS * sizeof(struct io_uring_buf) + page - 1) / page * page;
+    struct io_uring_buf_reg reg;
+    void *r, *b;
+
+    r = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r == MAP_FAILED)
+        return;
+    b = mmap(NULL, (size_t)ENG_RING_BUFS * ENG_PBUF_SMALL, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (b == MAP_FAILED) {
+        munmap(r, len);
+        return;
+    }
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uint64_t)(uintptr_t)r;
+    reg.ring_entries = ENG_RING_BUFS;
+    reg.bgid = UR_BGID;
+    if (io_uring_register_buf_ring(&u->ring, &reg, 0) < 0) {
+        munmap(b, (size_t)ENG_RING_BUFS * ENG_PBUF_SMALL);
+        munmap(r, len);
+        return;
+    }
+    u->br = r;
+    u->brlen = len;
+    u->pbase = b;
+    io_uring_buf_ring_init(u->br);
+    for (int i = 0; i < ENG_RING_BUFS; i++)
+        io_uring_buf_ring_add(u->br, u->pbase + (size_t)i * ENG_PBUF_SMALL, ENG_PBUF_SMALL,
+                              (unsigned short)i, io_uring_buf_ring_mask(ENG_RING_BUFS), i);
+    io_uring_buf_ring_advance(u->br, ENG_RING_BUFS);
+}
+
+static void ur_ring_fini(struct eng_uring *u)
+{
+    if (u->br == NULL)
+        return;
+    munmap(u->pbase, (size_t)ENG_RING_BUFS * ENG_PBUF_SMALL);
+    munmap(u->br, u->brlen);
+    u->br = NULL;
+    u->pbase = NULL;
+}
+
+/* A ring buffer goes back to the kernel. */
+static bool ur_recycle(struct eng *e, void *buf)
+{
+    struct eng_uring *u = ur(e);
+    uint8_t *p = buf;
+    size_t off;
+
+    if (u->br == NULL || p < u->pbase || p >= u->pbase + (size_t)ENG_RING_BUFS * ENG_PBUF_SMALL)
+        return false;
+    off = (size_t)(p - u->pbase);
+    ENG_BUG_ON(off % ENG_PBUF_SMALL != 0); /* not the pointer the engine gave */
+    io_uring_buf_ring_add(u->br, p, ENG_PBUF_SMALL, (unsigned short)(off / ENG_PBUF_SMALL),
+                          io_uring_buf_ring_mask(ENG_RING_BUFS), 0);
+    io_uring_buf_ring_advance(u->br, 1);
+    return true;
+}
+
 static void ur_describe(struct eng_uring *u, char *why, size_t whylen)
 {
     size_t off = (size_t)snprintf(why, whylen, "io_uring ok flags=");
@@ -130,8 +200,9 @@ static void ur_describe(struct eng_uring *u, char *why, size_t whylen)
         }
     }
     if (off < whylen)
-        snprintf(why + off, whylen - off, "%s sq=%u cq=%u", *sep ? "" : "none",
-                 u->ring.sq.ring_entries, u->ring.cq.ring_entries);
+        snprintf(why + off, whylen - off, "%s sq=%u cq=%u pbuf=%s", *sep ? "" : "none",
+                 u->ring.sq.ring_entries, u->ring.cq.ring_entries,
+                 u->br != NULL ? "ring" : "heap");
 }
 
 static int ur_init(struct eng *e, char *why, size_t whylen)
@@ -169,6 +240,8 @@ static int ur_init(struct eng *e, char *why, size_t whylen)
     }
     CDS_INIT_LIST_HEAD(&u->cancels);
     u->multishot = true; /* falls back on the first EINVAL */
+    /* Before the ring is enabled: no single issuer is bound yet. */
+    ur_ring_init(u);
     ur_describe(u, why, whylen);
     return 0;
 }
@@ -214,6 +287,10 @@ static void ur_drain(struct eng_uring *u)
                 u->inflight--;
             if (op->code == ENG_OP_ACCEPT && cqe->res >= 0)
                 close(cqe->res); /* nobody will own it */
+            if (op->code == ENG_OP_RECV_PICK && op->u.rd.buf != NULL) {
+                eng_pool_recycle(&u->base, op->u.rd.buf); /* heap fallback */
+                op->u.rd.buf = NULL;
+            }
         }
         io_uring_cq_advance(&u->ring, n);
         if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
@@ -229,6 +306,7 @@ static void ur_fini(struct eng *e)
     if (u->enabled && u->inflight > 0 && (u->flags & IORING_SETUP_SINGLE_ISSUER))
         ur_drain(u);
     io_uring_queue_exit(&u->ring);
+    ur_ring_fini(u);
 }
 
 /* ---- Submission ------------------------------------------------------------ */
@@ -262,16 +340,30 @@ static void ur_prep(struct eng_uring *u, struct eng_op *op, struct io_uring_sqe 
     case ENG_OP_READ:
         io_uring_prep_read(sqe, op->fd, op->u.rd.buf, (unsigned)op->u.rd.len, (__u64)-1);
         break;
+    case ENG_OP_RECV_PICK:
+        if (op->u.rd.buf != NULL) { /* heap fallback, see ur_pick_cqe */
+            io_uring_prep_recv(sqe, op->fd, op->u.rd.buf, op->u.rd.len, 0);
+            break;
+        }
+        io_uring_prep_recv(sqe, op->fd, NULL, op->u.rd.len, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = UR_BGID;
+        break;
     case ENG_OP_SEND:
         if (op->u.wr.iovcnt == 1) {
             io_uring_prep_send(sqe, op->fd, op->u.wr.iov->iov_base, op->u.wr.iov->iov_len,
-                               MSG_NOSIGNAL);
+                               MSG_NOSIGNAL | op->u.wr.flags);
         } else {
             memset(&op->u.wr.msg, 0, sizeof(op->u.wr.msg));
             op->u.wr.msg.msg_iov = op->u.wr.iov;
             op->u.wr.msg.msg_iovlen = (size_t)(op->u.wr.iovcnt > IOV_MAX ? IOV_MAX : op->u.wr.iovcnt);
-            io_uring_prep_sendmsg(sqe, op->fd, &op->u.wr.msg, MSG_NOSIGNAL);
+            io_uring_prep_sendmsg(sqe, op->fd, &op->u.wr.msg, MSG_NOSIGNAL | (unsigned)op->u.wr.flags);
         }
+        break;
+    case ENG_OP_SPLICE:
+        /* Not ready at the last try: wait for the socket, then try again. */
+        io_uring_prep_poll_add(sqe, op->fd,
+                               op->u.spl.dir == ENG_SPLICE_IN ? POLLIN | POLLRDHUP : POLLOUT);
         break;
     case ENG_OP_CONNECT:
         io_uring_prep_connect(sqe, op->fd, &op->u.conn.to.sa, op->u.conn.tolen);
@@ -288,9 +380,29 @@ static void ur_flush(struct eng_uring *u)
     struct eng *e = &u->base;
     struct io_uring_sqe *sqe;
 
-    while (!cds_list_empty(&e->pending) && (sqe = ur_sqe(u)) != NULL) {
+    while (!cds_list_empty(&e->pending)) {
         struct eng_op *op = cds_list_first_entry(&e->pending, struct eng_op, link);
+        int res;
+
+        if (op->code == ENG_OP_SPLICE && eng_splice_run(e, op, &res)) {
+            cds_list_del(&op->link);
+            eng_finish_later(e, op, res);
+            continue;
+        }
+        if ((sqe = ur_sqe(u)) == NULL)
+            break;
         cds_list_del(&op->link);
+        /* Big picks (a busy stream) and picks without a ring take their
+         * buffer now. */
+        if (op->code == ENG_OP_RECV_PICK && op->u.rd.buf == NULL &&
+            (u->br == NULL || eng_pclass_of(op->u.rd.len) == ENG_PC_BIG) &&
+            (op->u.rd.buf = eng_pool_get(e, eng_pclass_of(op->u.rd.len))) == NULL) {
+            /* No memory: the SQE is left unused (a NOP). */
+            io_uring_prep_nop(sqe);
+            io_uring_sqe_set_data64(sqe, 0);
+            eng_finish_later(e, op, -ENOMEM);
+            continue;
+        }
         ur_prep(u, op, sqe);
         op->state = ENG_OS_ACTIVE;
         u->inflight++;
@@ -349,6 +461,59 @@ static void ur_send_cqe(struct eng_uring *u, struct eng_op *op, int res)
     if (res == 0)
         res = -EIO;
     ur_simple_cqe(u, op, res);
+}
+
+/* A picked recv: a ring buffer is the caller's with res > 0 and goes
+ * straight back otherwise; ENOBUFS (ring empty) retries into a heap
+ * buffer, so a burst of completions never fails a connection. */
+static void ur_pick_cqe(struct eng_uring *u, struct eng_op *op, int res, unsigned flags)
+{
+    struct eng *e = &u->base;
+
+    if (flags & IORING_CQE_F_BUFFER) {
+        uint8_t *b = u->pbase + (size_t)(flags >> IORING_CQE_BUFFER_SHIFT) * ENG_PBUF_SMALL;
+        if (res > 0) {
+            op->u.rd.buf = b;
+            e->st.pbuf_ring++;
+            ur_finish(u, op, res);
+            return;
+        }
+        ur_recycle(e, b);
+    }
+    if (res == -ENOBUFS && op->u.rd.buf == NULL) {
+        e->st.pbuf_nobufs++;
+        if (op->flags & ENG_OF_CANCEL) {
+            ur_finish(u, op, -ECANCELED);
+            return;
+        }
+        op->u.rd.buf = eng_pool_get(e, ENG_PC_SMALL);
+        if (op->u.rd.buf == NULL) {
+            ur_finish(u, op, -ENOMEM);
+            return;
+        }
+        eng_requeue(e, op);
+        return;
+    }
+    if (res > 0)
+        e->st.pbuf_heap++;
+    ur_simple_cqe(u, op, res);
+}
+
+/* The socket of a splice op became ready (or the poll failed). */
+static void ur_splice_cqe(struct eng_uring *u, struct eng_op *op, int res)
+{
+    if (op->flags & ENG_OF_CANCEL) {
+        ur_finish(u, op, -ECANCELED);
+        return;
+    }
+    if (res < 0) {
+        ur_finish(u, op, res);
+        return;
+    }
+    if (eng_splice_run(&u->base, op, &res))
+        ur_finish(u, op, res);
+    else
+        eng_requeue(&u->base, op); /* spurious: poll again */
 }
 
 static bool peer_of(int fd, struct net_addr *a)
@@ -439,6 +604,12 @@ static void ur_cqe(struct eng_uring *u, const struct io_uring_cqe *cqe)
     case ENG_OP_SEND:
         ur_send_cqe(u, op, cqe->res);
         break;
+    case ENG_OP_RECV_PICK:
+        ur_pick_cqe(u, op, cqe->res, cqe->flags);
+        break;
+    case ENG_OP_SPLICE:
+        ur_splice_cqe(u, op, cqe->res);
+        break;
     default:
         ur_simple_cqe(u, op, cqe->res);
         break;
@@ -457,6 +628,8 @@ static int ur_poll(struct eng *e, int timeout_ms)
     ur_flush(u);
     if (!cds_list_empty(&e->pending) || !cds_list_empty(&u->cancels))
         timeout_ms = 0; /* SQ was full: finish the batch next turn */
+    if (!cds_list_empty(&e->done))
+        timeout_ms = 0; /* a splice finished at its first try */
     if (timeout_ms == 0) {
         /* GETEVENTS even without waiting: DEFER_TASKRUN completions only
          * run inside io_uring_enter. */
@@ -509,4 +682,5 @@ const struct eng_backend eng_uring_backend = {
     .poll = ur_poll,
     .cancel = ur_cancel,
     .forget = ur_forget,
+    .recycle = ur_recycle,
 };

@@ -247,6 +247,8 @@ static void fold(struct client *cl, const struct mux_stats *s)
                       s->dropped_unknown_id - f->dropped_unknown_id);
     metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
                       s->bad_new - f->bad_new);
+    metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
+                      s->dropped_late - f->dropped_late);
     *f = *s;
 }
 
@@ -297,6 +299,9 @@ static void start_mux(struct client *cl)
     mux_cfg_defaults(&mc, TC_SIDE_CLIENT, cl->mat.version);
     mc.ping_ms = cl->cfg.ping_ms;
     mc.pong_ms = cl->cfg.pong_ms;
+    if (cl->cfg.splice != 0)
+        mc.splice = cl->cfg.splice;
+    mc.batch = !cl->cfg.no_batch;
     if (cl->cfg.in_high > 0)
         mc.in_high = cl->cfg.in_high;
     if (cl->cfg.in_low > 0)

@@ -60,6 +60,7 @@
 #include <stdint.h>
 
 #include "core/acl.h"
+#include "core/mux.h"
 #include "core/tokensrc.h"
 #include "io/eng.h"
 
@@ -78,6 +79,8 @@ struct client_cfg {
     uint32_t ping_ms, pong_ms;
     size_t in_high, in_low;          /* 0: mux defaults */
     uint32_t tunnel_idle_ms;         /* 0: mux default */
+    enum mux_splice splice;          /* 0: mux default (auto) */
+    bool no_batch;                   /* --batch off: one frame per send */
     const struct net_addr *admin;    /* /metrics, /healthz, /readyz; NULL: off */
 };
 

@@ -50,6 +50,7 @@
 #include <stdint.h>
 
 #include "core/addr.h"
+#include "core/mux.h"
 #include "io/eng.h"
 
 #define GW_THREADS_MAX 1024
@@ -82,6 +83,8 @@ struct gw_cfg {
     uint32_t max_handshakes_per_ip; /* per shard and source IP; 0 = off */
     uint32_t max_channels;      /* per tunnel; 0 = unlimited */
     uint32_t max_frame;         /* cap on a received frame's SIZE */
+    enum mux_splice splice;     /* DATA splice path; 0: mux default (auto) */
+    bool no_batch;              /* --batch off: one frame per send */
     uint32_t handshake_ms;      /* accept -> ClientHello or token complete */
     uint32_t challenge_ms;      /* challenge sent -> answer read */
     uint32_t tunnel_idle_ms;    /* 0 = off */

@@ -180,6 +180,8 @@ static void tunnel_fold(struct gw_tunnel *t, const struct mux_stats *st)
                       st->dropped_unknown_id - f->dropped_unknown_id);
     metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
                       st->bad_new - f->bad_new);
+    metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
+                      st->dropped_late - f->dropped_late);
     *f = *st;
 }
 
@@ -384,6 +386,9 @@ int gw_tunnel_start(struct gw_conn *c)
     mc.max_channels = cfg->max_channels;
     mc.tunnel_idle_ms = cfg->tunnel_idle_ms;
     mc.chan_idle_ms = cfg->chan_idle_ms;
+    if (cfg->splice != 0)
+        mc.splice = cfg->splice;
+    mc.batch = !cfg->no_batch;
     t->hooks = (struct mux_hooks){ .ctx = t, .on_chan_closed = on_chan_closed,
                                    .on_dead = on_dead };
     t->mux = mux_new(sh->eng, c->fd, &mc, &t->hooks, c->seal, c->open, c->buf + c->off,

@@ -106,7 +106,7 @@ static const struct metric_def defs[] = {
                "shutdown", "idle", "expired", "other"), false },
     [METRIC_FRAMES_DROPPED] = { "snitun_frames_dropped_total",
         "Multiplexer frames received and dropped, by reason.", TYPE_COUNTER, S | C, "reason",
-        VALUES("unknown_id", "bad_new"), false },
+        VALUES("unknown_id", "bad_new", "late"), false },
     [METRIC_LIMIT_REJECTS] = { "snitun_limit_rejects_total",
         "Connections or channels refused by a configured limit.", TYPE_COUNTER, S | C,
         "limit", VALUES("connections", "tunnels", "channels", "handshakes", "fds", "other"),

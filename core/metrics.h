@@ -63,7 +63,7 @@ enum metric_id {
     METRIC_FRAMES_SENT,           /* {type}: enum metrics_frame */
     METRIC_CHANNEL_CLOSES,        /* {reason} */
     METRIC_TUNNEL_CLOSES,         /* {reason} */
-    METRIC_FRAMES_DROPPED,        /* {reason}: unknown_id, bad_new */
+    METRIC_FRAMES_DROPPED,        /* {reason}: unknown_id, bad_new, late */
     METRIC_LIMIT_REJECTS,         /* {limit} */
     METRIC_ENGINE_INFO,           /* gauge {engine}: enum metrics_engine */
     METRIC_SHARDS,                /* gauge */
@@ -114,6 +114,7 @@ enum metrics_listener {          /* METRIC_ACCEPTED */
 enum metrics_drop {              /* METRIC_FRAMES_DROPPED */
     METRICS_DROP_UNKNOWN_ID = 0,
     METRICS_DROP_BAD_NEW = 1,
+    METRICS_DROP_LATE = 2,
 };
 
 enum metrics_reload {            /* METRIC_KEY_RELOADS */
@@ -154,7 +155,9 @@ enum metrics_engine {            /* METRIC_ENGINE_INFO */
  *     proxy_header bad_hello unknown_name bad_token token_too_long
  *     bad_answer no_memory stopping gcm_key_reused other
  *   frames_dropped_total{reason}: unknown_id (DATA/CLOSE/PAUSE/RESUME for a
- *     channel not open), bad_new (v2 NEW with a short address block)
+ *     channel not open), bad_new (v2 NEW with a short address block), late
+ *     (frames for a channel this side closed just before: the peer sent
+ *     them before it saw the CLOSE; their payload is dropped)
  *   limit_rejects_total{limit}: connections, tunnels, channels,
  *     handshakes, fds (EMFILE/ENFILE), other
  *   admin_connections_dropped_total{reason}: limit (refused at accept: the

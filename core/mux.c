@@ -21,13 +21,28 @@
  *
  * Invariants:
  * - One recv on the tunnel (m->rd_busy) and one send (m->tx_busy).
- * - A channel's rbuf holds at most one DATA: unsent (out_data) or borrowed
- *   by the batch in flight (in_batch); its local recv is armed only when
- *   neither holds and the peer has not paused it.
+ * - A channel holds at most MUX_CHAN_OUT DATA payloads read from its local
+ *   socket (out[], oldest first, engine buffers): the first out_tx are
+ *   borrowed by the batch in flight, the others wait for the next batch.
+ *   Its local recv is armed only when every payload it holds is in flight
+ *   (so it reads ahead while the tunnel writes), there is room, and the
+ *   peer has not paused it.
  * - The incoming queue's chunks are borrowed by the local send in flight
  *   (wr_busy); they are freed only from its callback or when it is idle.
- * - Nothing is freed outside an eng_defer callback; hooks never run inside
- *   a mux_* call (they run from op callbacks and defers).
+ * - Idle memory: a tunnel with nothing in flight holds no receive buffer
+ *   (the engine picks one when data arrives and it goes back at the end of
+ *   the callback, unless the decoder stalls: then the rest is copied), no
+ *   decoder (allocated while a frame is split across reads), no tx context
+ *   (batch, control frames: allocated while something is to be sent).
+ * - Splice (see mux.h): a channel's spliced payloads wait in its own pipe
+ *   in read order (out[] entries without a buffer; pipe.n counts their
+ *   bytes); in a batch each is a placeholder iovec (&tx->mark) that
+ *   tx_step sends with eng_splice from that pipe. Incoming, spl_c's socket
+ *   is reserved (spl_wr) while the tunnel's pipe holds bytes for it. Pipes
+ *   are closed after use, never handed to another stream.
+ * - No channel or tunnel is freed outside an eng_defer callback; hooks
+ *   never run inside a mux_* call (they run from op callbacks, timers and
+ *   defers).
  */
 #include "core/mux.h"
 #include "core/mux_queue.h"
@@ -41,8 +56,9 @@
 #include <urcu/compiler.h>
 #include <urcu/list.h>
 
-/* Queue chunks per local send. */
-#define MUX_WIOV 8
+/* Queue chunks per local send (up to 384 KiB; 6 keeps struct mux_chan in
+ * the 640-byte jemalloc class). */
+#define MUX_WIOV 6
 /* Bytes gathered into one tunnel batch before it is sent. */
 #define MUX_BATCH_BUDGET (1u << 20)
 /* Mux-level frames (pong replies, pings, CLOSE for refused NEW) waiting for
@@ -53,6 +69,16 @@
 /* Periodic timer bounds. */
 #define MUX_TICK_MIN_MS 10
 #define MUX_TICK_MAX_MS 5000
+/* DATA payloads a channel holds: one in the batch in flight, one read
+ * ahead meanwhile. */
+#define MUX_CHAN_OUT 2
+/* Longest an incoming splice waits for its channel's local writes before
+ * the tunnel is read again through the copy path: the added latency for
+ * frames of other channels (or PINGs) behind a slow local reader. */
+#define MUX_SPLICE_WAIT_MS 20
+/* CSPRNG bytes buffered per tunnel for padding and ids: one RAND_bytes
+ * call (and its getpid(2) fork check) per ~5 frames instead of each. */
+#define MUX_RND 64
 
 enum ctl_kind {
     CTL_PONG = 1,  /* reply to a PING request */
@@ -65,6 +91,22 @@ struct mux_ctl {
     uint8_t kind;
 };
 
+/* One DATA payload read from a local socket. */
+struct mux_out {
+    uint8_t *buf;             /* NULL when spliced: the bytes wait in the
+                                 channel's pipe */
+    uint32_t len;
+    bool heap;                /* malloc'd (a first DATA larger than an
+                                 engine buffer), else from the engine */
+};
+
+/* A pipe for splicing (eng_pipe_get), fd[0] < 0 when none is held. */
+struct mux_pipe {
+    int fd[2];
+    uint32_t cap;
+    uint32_t n;               /* bytes in it */
+};
+
 struct mux_chan {
     uint8_t id[FRAME_ID_LEN]; /* first member: the tsearch key */
     struct mux *m;
@@ -74,13 +116,20 @@ struct mux_chan {
     enum mux_reason why;
     bool closing, draining, reported, fin_queued;
     /* outgoing */
-    bool need_new, need_close, out_data, in_batch, on_ready;
+    bool need_new, need_close, on_ready;
     bool peer_paused;         /* PAUSE received */
     bool under_water;         /* incoming above in_high, back at in_low */
     bool pause_sent;          /* what the peer was last told */
     bool rd_busy, wr_busy;
-    uint8_t *rbuf;
-    size_t rcap, out_len;
+    bool rd_big;              /* last read filled its buffer: read big */
+    bool rd_spl;              /* the read in flight splices into pipe */
+    bool spl_wr;              /* the tunnel splices into the local socket */
+    bool spl_slow;            /* a splice gave up waiting for its writes:
+                                 copy until its queue has drained */
+    uint32_t rd_last;         /* bytes of the last local read */
+    uint8_t out_n, out_tx;    /* payloads held; the first out_tx in flight */
+    struct mux_out out[MUX_CHAN_OUT];
+    struct mux_pipe pipe;     /* spliced payloads waiting for the tunnel */
     /* incoming */
     struct mux_queue q;
     uint8_t *prefix;          /* attach prefix, written first */
@@ -92,38 +141,69 @@ struct mux_chan {
     struct eng_defer fin;
 };
 
+/* What sending needs, allocated while there is something to send (the
+ * batch alone is ~14 KiB: an idle tunnel does without). */
+struct mux_tx {
+    size_t nchans;            /* DATA frames in the batch in flight */
+    struct mux_chan *chans[FRAME_BATCH_MAX]; /* ... their channels */
+    size_t nspl, spl_pos;     /* spliced DATA frames, in batch order */
+    struct mux_chan *spl[FRAME_BATCH_MAX];   /* ... their channels */
+    size_t ctl_n;
+    struct mux_ctl ctl[MUX_CTL_MAX];
+    int iovcnt, pos;          /* iov[pos..iovcnt) still to send */
+    size_t total;
+    uint8_t mark;             /* &mark: the iov_base of a spliced payload */
+    struct iovec iov[2 * FRAME_BATCH_MAX + 1];
+    struct frame_batch batch;
+};
+
+/* Kept small (an idle tunnel is little more than this): fields grouped
+ * to avoid padding, 1280 bytes at most (a jemalloc size class). */
+/* Ids of the channels this side closed last: frames the peer sent before
+ * it saw our CLOSE are a normal race, counted apart from ids never open. */
+#define MUX_LATE_IDS 8
+
 struct mux {
     struct eng *e;
-    int fd;
     struct mux_cfg cfg;
     struct mux_hooks hooks;
     void *udata;
     struct tc_stream *seal, *open;
+    int fd;
     enum mux_reason why;
+    int dec_boundary;         /* frame_dec.state at a frame boundary */
+    uint8_t late[MUX_LATE_IDS][FRAME_ID_LEN]; /* ring, see MUX_LATE_IDS */
+    uint8_t late_pos, late_n; /* next slot, slots filled */
+    uint32_t tick_ms;
     bool rd_busy, tx_busy, rx_stalled, closing, dead_done, free_queued;
-    /* tunnel input */
+    bool rx_eng;              /* rx is an engine buffer, else malloc'd */
+    bool rx_big;              /* last read filled its buffer: read big */
+    bool rx_hdr;              /* next read: one header (after a splice) */
+    uint8_t rnd_pos;
+    /* tunnel input: rx[rx_off..rx_len) still to decode */
     uint8_t *rx;
-    size_t rx_cap, rx_off, rx_len;
+    size_t rx_off, rx_len;
+    struct frame_dec *dec;    /* NULL at a frame boundary between reads */
+    struct mux_tx *tx;        /* NULL while nothing is to be sent */
+    /* incoming splice: tunnel -> pipe -> spl_c's socket */
+    struct mux_chan *spl_c;
+    struct mux_chan *spl_wait; /* splice waits for its local writes */
+    uint64_t spl_wait_at;     /* ... since (bounded by the tick) */
+    uint8_t *spl_buf;         /* draining the pipe into spl_c's queue */
+    struct mux_pipe pipe;
     /* channels */
     void *root;               /* tsearch tree of open channels by id */
     size_t nchan, nobj;       /* open; allocated (open + closing) */
     struct cds_list_head all, ready;
-    struct mux_ctl ctl[MUX_CTL_MAX];
-    size_t ctl_n;
     struct mux_queue_pool pool;
     /* timers */
-    struct timer tick;
-    uint32_t tick_ms;
+    struct timer tick;        /* periodic; sooner while a splice waits */
     uint64_t last_act, next_ping, pong_deadline;
     struct eng_op rd, wr;
     struct eng_defer flush_d, start_d, dead_d, free_d;
     struct mux_stats st;
-    size_t ntx;
-    struct mux_chan *txchans[FRAME_BATCH_MAX];
-    struct iovec txiov[2 * FRAME_BATCH_MAX + 1];
     struct frame_enc enc;
-    struct frame_dec dec;
-    struct frame_batch batch;
+    uint8_t rnd[MUX_RND];
 };
 
 static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close, bool drain);
@@ -160,6 +240,28 @@ const char *mux_reason_name(enum mux_reason r)
     return names[r];
 }
 
+static const char *const splice_names[] = {
+    [MUX_SPLICE_AUTO] = "auto",
+    [MUX_SPLICE_ON] = "on",
+    [MUX_SPLICE_OFF] = "off",
+};
+
+int mux_splice_parse(const char *s, enum mux_splice *out)
+{
+    for (int i = MUX_SPLICE_AUTO; s != NULL && i <= MUX_SPLICE_OFF; i++) {
+        if (strcmp(s, splice_names[i]) == 0) {
+            *out = (enum mux_splice)i;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+const char *mux_splice_name(enum mux_splice s)
+{
+    return s >= MUX_SPLICE_AUTO && s <= MUX_SPLICE_OFF ? splice_names[s] : "unknown";
+}
+
 unsigned mux_flow_index(uint8_t flow)
 {
     switch (flow) {
@@ -181,7 +283,7 @@ void mux_cfg_defaults(struct mux_cfg *cfg, enum tc_side side, unsigned version)
         .side = side,
         .version = version,
         .max_frame = FRAME_MAX_DATA,
-        .read_size = 64u << 10,
+        .read_size = ENG_PBUF_BIG,
         .in_high = 2u << 20,
         .in_low = 512u << 10,
         .in_limit = version >= 1 ? (size_t)68157440 : (size_t)268435456,
@@ -190,8 +292,10 @@ void mux_cfg_defaults(struct mux_cfg *cfg, enum tc_side side, unsigned version)
         .chan_idle_ms = gw ? 120000 : 0,
         .ping_ms = gw ? 0 : 50000,
         .pong_ms = gw ? 0 : 90000,
-        .rx_size = 256u << 10,
+        .rx_size = ENG_PBUF_BIG,
         .linger_ms = 10000,
+        .batch = true,
+        .splice = MUX_SPLICE_AUTO,
     };
 }
 
@@ -214,6 +318,137 @@ static uint64_t now_ms(const struct mux *m)
     return eng_now(m->e);
 }
 
+/* Smallest incoming payload rest (in) or last local read (out) that
+ * splices, by cfg.splice (mux.h). */
+static size_t spl_min(const struct mux *m, bool in)
+{
+    switch (m->cfg.splice) {
+    case MUX_SPLICE_ON:
+        return in ? 1 : 0;
+    case MUX_SPLICE_OFF:
+        return SIZE_MAX;
+    default:
+        return in ? MUX_SPLICE_IN_AUTO : MUX_SPLICE_OUT_AUTO;
+    }
+}
+
+/* Bytes for the next recv of a socket: a small engine buffer (that an
+ * idle socket does not hold, see eng_recv_pick) until a read fills one,
+ * then the configured size while they keep coming full. */
+static size_t read_len(size_t cfg_size, bool big)
+{
+    return big || cfg_size < ENG_PBUF_SMALL ? cfg_size : ENG_PBUF_SMALL;
+}
+
+/* tc_rng for the encoder: CSPRNG bytes drawn MUX_RND at a time. */
+static int rnd_draw(void *ctx, void *buf, size_t n)
+{
+    struct mux *m = ctx;
+
+    if (n > sizeof(m->rnd))
+        return tc_rng_draw(NULL, buf, n);
+    if (sizeof(m->rnd) - m->rnd_pos < n) {
+        if (tc_rng_draw(NULL, m->rnd, sizeof(m->rnd)) != 0)
+            return -1;
+        m->rnd_pos = 0;
+    }
+    memcpy(buf, m->rnd + m->rnd_pos, n);
+    m->rnd_pos = (uint8_t)(m->rnd_pos + n);
+    return 0;
+}
+
+/* ---- outgoing payloads and the tx context -------------------------------- */
+
+/* A spliced payload has no buffer: its bytes stay in the channel's pipe
+ * (which is then closed, not reused, if they are never sent). */
+static void out_release(struct mux *m, struct mux_out *o)
+{
+    if (o->buf == NULL)
+        return;
+    if (o->heap)
+        free(o->buf);
+    else
+        eng_buf_put(m->e, o->buf);
+    o->buf = NULL;
+}
+
+static void pipe_init(struct mux_pipe *p)
+{
+    *p = (struct mux_pipe){ .fd = { -1, -1 } };
+}
+
+static bool pipe_get(struct mux *m, struct mux_pipe *p)
+{
+    int cap;
+
+    if (p->fd[0] >= 0)
+        return true;
+    cap = eng_pipe_get(m->e, p->fd);
+    if (cap <= 0) {
+        pipe_init(p);
+        return false;
+    }
+    p->cap = (uint32_t)cap;
+    p->n = 0;
+    return true;
+}
+
+static void pipe_put(struct mux *m, struct mux_pipe *p)
+{
+    if (p->fd[0] < 0)
+        return;
+    eng_pipe_put(m->e, p->fd);
+    pipe_init(p);
+}
+
+/* Drop the payloads that no batch in flight borrows. */
+static void chan_drop_out(struct mux_chan *c)
+{
+    while (c->out_n > c->out_tx)
+        out_release(c->m, &c->out[--c->out_n]);
+}
+
+/* The oldest payload has been written (sent) or never will be. A spliced
+ * one that was not sent leaves its bytes in the pipe, whose count then
+ * stays above zero: the pipe is closed, never reused with stale bytes. */
+static void chan_out_done(struct mux_chan *c, bool sent)
+{
+    if (c->out[0].buf == NULL && sent)
+        c->pipe.n -= c->out[0].len;
+    out_release(c->m, &c->out[0]);
+    memmove(&c->out[0], &c->out[1], (MUX_CHAN_OUT - 1) * sizeof(c->out[0]));
+    c->out[MUX_CHAN_OUT - 1].buf = NULL;
+    c->out_n--;
+    c->out_tx--;
+}
+
+static struct mux_tx *tx_get(struct mux *m)
+{
+    if (m->tx == NULL) {
+        m->tx = malloc(sizeof(*m->tx));
+        if (m->tx == NULL)
+            return NULL;
+        m->tx->nchans = 0;
+        m->tx->nspl = 0;
+        m->tx->ctl_n = 0;
+    }
+    return m->tx;
+}
+
+/* Give the tx context back once nothing is in flight or waiting. */
+static void tx_trim(struct mux *m)
+{
+    if (m->tx == NULL || m->tx_busy || m->tx->ctl_n > 0 || !cds_list_empty(&m->ready))
+        return;
+    free(m->tx);
+    m->tx = NULL;
+}
+
+static bool ctl_full(const struct mux *m)
+{
+    return m->tx != NULL && m->tx->ctl_n >= MUX_CTL_MAX;
+}
+
 /* ---- the incoming queue --------------------------------------------------- */
 
 /* Drop the queue and the prefix. Only when no local send borrows them. */
@@ -229,7 +464,7 @@ static void queue_free(struct mux_chan *c)
 
 static bool chan_has_frames(const struct mux_chan *c)
 {
-    if (c->need_new || c->out_data || c->need_close)
+    if (c->need_new || c->out_n > c->out_tx || c->need_close)
         return true;
     return !c->closing && c->under_water != c->pause_sent;
 }
@@ -251,13 +486,17 @@ static void ready_del(struct mux_chan *c)
     cds_list_del(&c->ready);
 }
 
+/* A control frame for the next batch; lost when out of memory (a missed
+ * pong or CLOSE is what a lost connection would cause too). */
 static void ctl_push(struct mux *m, enum ctl_kind kind, const uint8_t id[FRAME_ID_LEN])
 {
-    if (m->closing || m->ctl_n >= MUX_CTL_MAX)
+    struct mux_tx *tx;
+
+    if (m->closing || ctl_full(m) || (tx = tx_get(m)) == NULL)
         return;
-    memcpy(m->ctl[m->ctl_n].id, id, FRAME_ID_LEN);
-    m->ctl[m->ctl_n].kind = (uint8_t)kind;
-    m->ctl_n++;
+    memcpy(tx->ctl[tx->ctl_n].id, id, FRAME_ID_LEN);
+    tx->ctl[tx->ctl_n].kind = (uint8_t)kind;
+    tx->ctl_n++;
     schedule_flush(m);
 }
 
@@ -267,26 +506,48 @@ static void chan_arm_read(struct mux_chan *c)
 {
     struct mux *m = c->m;
 
-    if (c->fd < 0 || c->closing || c->rd_busy || c->out_data || c->in_batch ||
-        c->peer_paused || m->closing)
+    if (c->fd < 0 || c->closing || c->rd_busy || c->peer_paused || m->closing ||
+        c->out_n >= MUX_CHAN_OUT || c->out_n > c->out_tx)
         return;
+    if (c->rd_last >= spl_min(m, false) && pipe_get(m, &c->pipe)) {
+        size_t room = (size_t)c->pipe.cap - c->pipe.n;
+
+        if (room == 0)
+            return; /* the batch in flight empties it */
+        c->rd_busy = c->rd_spl = true;
+        eng_splice(m->e, &c->rd, c->fd, c->pipe.fd[1], room, ENG_SPLICE_IN);
+        return;
+    }
+    if (c->pipe.n == 0)
+        pipe_put(m, &c->pipe);
     c->rd_busy = true;
-    eng_recv(m->e, &c->rd, c->fd, c->rbuf, m->cfg.read_size);
+    eng_recv_pick(m->e, &c->rd, c->fd, read_len(m->cfg.read_size, c->rd_big));
 }
 
 static void chan_rd_cb(struct eng_op *op, int res)
 {
     struct mux_chan *c = caa_container_of(op, struct mux_chan, rd);
     struct mux *m = c->m;
+    bool spl = c->rd_spl;
 
-    c->rd_busy = false;
+    c->rd_busy = c->rd_spl = false;
+    if (res > 0 && spl)
+        c->pipe.n += (uint32_t)res;
     if (c->closing) {
+        if (res > 0 && !spl)
+            eng_buf_put(m->e, eng_op_buf(op));
         chan_check(c);
         return;
     }
     if (res > 0) {
-        c->out_len = (size_t)res;
-        c->out_data = true;
+        if (spl) {
+            c->rd_big = (size_t)res >= ENG_PBUF_SMALL;
+            c->out[c->out_n++] = (struct mux_out){ NULL, (uint32_t)res, false };
+        } else {
+            c->rd_big = (size_t)res >= read_len(m->cfg.read_size, c->rd_big);
+            c->out[c->out_n++] = (struct mux_out){ eng_op_buf(op), (uint32_t)res, false };
+        }
+        c->rd_last = (uint32_t)res;
         c->last_act = now_ms(m);
         m->st.bytes_from_local += (uint64_t)res;
         ready_add(c);
@@ -303,7 +564,7 @@ static void chan_kick_write(struct mux_chan *c)
 {
     int n = 0;
 
-    if (c->fd < 0 || c->wr_busy || c->m->closing)
+    if (c->fd < 0 || c->wr_busy || c->spl_wr || c->m->closing)
         return;
     c->wr_prefix = 0;
     if (c->prefix != NULL) {
@@ -315,6 +576,16 @@ static void chan_kick_write(struct mux_chan *c)
         return;
     c->wr_busy = true;
     eng_send(c->m->e, &c->wr, c->fd, c->wiov, n);
+}
+
+static void start_cb(struct eng_defer *d);
+
+/* Reading the tunnel resumes at the end of the turn (never from inside a
+ * mux_* call: decoding runs hooks). */
+static void spl_wait_end(struct mux *m)
+{
+    m->spl_wait = NULL;
+    eng_defer(m->e, &m->start_d, start_cb);
 }
 
 static void chan_wr_cb(struct eng_op *op, int res)
@@ -344,6 +615,11 @@ static void chan_wr_cb(struct eng_op *op, int res)
     mux_queue_consume(&c->q, &m->pool, n);
     m->st.bytes_to_local += n;
     c->last_act = now_ms(m);
+    if (c->q.bytes == 0) {
+        c->spl_slow = false; /* its reader caught up */
+        if (m->spl_wait == c && c->prefix == NULL)
+            spl_wait_end(m);
+    }
     if (c->under_water && c->q.bytes <= m->cfg.in_low) {
         c->under_water = false;
         if (!c->closing && c->pause_sent)
@@ -356,27 +632,21 @@ static void chan_wr_cb(struct eng_op *op, int res)
 /* ---- channel lifetime ------------------------------------------------------ */
 
 static struct mux_chan *chan_new(struct mux *m, const uint8_t id[FRAME_ID_LEN],
-                                 const struct net_addr *caller, size_t first)
+                                 const struct net_addr *caller)
 {
     struct mux_chan *c = calloc(1, sizeof(*c));
 
     if (c == NULL)
         return NULL;
-    c->rcap = first > m->cfg.read_size ? first : m->cfg.read_size;
-    c->rbuf = malloc(c->rcap);
-    if (c->rbuf == NULL) {
-        free(c);
-        return NULL;
-    }
     memcpy(c->id, id, FRAME_ID_LEN);
     if (tsearch(c, &m->root, id_cmp) == NULL) {
-        free(c->rbuf);
         free(c);
         return NULL;
     }
     c->m = m;
     c->caller = *caller;
     c->fd = -1;
+    pipe_init(&c->pipe);
     c->last_act = now_ms(m);
     eng_op_init(&c->rd, chan_rd_cb);
     eng_op_init(&c->wr, chan_wr_cb);
@@ -403,7 +673,7 @@ static void chan_fin_cb(struct eng_defer *d)
     if (report && m->hooks.on_chan_closed != NULL)
         m->hooks.on_chan_closed(m->hooks.ctx, c, c->why);
     queue_free(c);
-    free(c->rbuf);
+    pipe_put(m, &c->pipe);
     free(c);
     m->nobj--;
     mux_check(m);
@@ -415,13 +685,13 @@ static void chan_check(struct mux_chan *c)
     if (!c->closing || c->fin_queued)
         return;
     if (c->draining) {
-        if (c->q.bytes > 0 || c->prefix != NULL || c->wr_busy) {
+        if (c->q.bytes > 0 || c->prefix != NULL || c->wr_busy || c->spl_wr) {
             chan_kick_write(c);
             return;
         }
         c->draining = false;
     }
-    if (c->rd_busy || c->wr_busy || c->in_batch || c->need_close || c->out_data)
+    if (c->rd_busy || c->wr_busy || c->spl_wr || c->out_n > 0 || c->need_close)
         return;
     ready_del(c);
     c->fin_queued = true;
@@ -431,6 +701,14 @@ static void chan_check(struct mux_chan *c)
 /* The one exit path of a channel. send_close: tell the peer (not when it
  * closed first or the tunnel is gone). drain: write what the peer already
  * sent to the local socket before closing it (peer CLOSE, local EOF). */
+static void late_add(struct mux *m, const uint8_t id[FRAME_ID_LEN])
+{
+    memcpy(m->late[m->late_pos], id, FRAME_ID_LEN);
+    m->late_pos = (uint8_t)((m->late_pos + 1) % MUX_LATE_IDS);
+    if (m->late_n < MUX_LATE_IDS)
+        m->late_n++;
+}
+
 static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close, bool drain)
 {
     struct mux *m = c->m;
@@ -439,8 +717,12 @@ static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close,
         return;
     c->closing = true;
     c->why = why;
+    if (m->spl_wait == c)
+        spl_wait_end(m);
     m->st.chan_closed[why]++;
     tdelete(c, &m->root, id_cmp);
+    if (why != MUX_R_PEER_CLOSE)
+        late_add(m, c->id);
     m->nchan--;
     if (c->rd_busy)
         eng_cancel(&c->rd);
@@ -449,7 +731,7 @@ static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close,
         send_close = false;
     c->need_new = false;
     if (!send_close)
-        c->out_data = false;
+        chan_drop_out(c);
     c->need_close = send_close;
     c->draining = drain && c->fd >= 0 && !m->closing;
     if (c->draining) {
@@ -471,7 +753,8 @@ static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close,
  * payload. Returns -1 when the encoder failed (fatal). */
 static int chan_emit(struct mux *m, struct mux_chan *c, size_t *bytes)
 {
-    struct frame_batch *b = &m->batch;
+    struct mux_tx *tx = m->tx;
+    struct frame_batch *b = &tx->batch;
     uint8_t flow;
     int rc;
 
@@ -487,13 +770,19 @@ static int chan_emit(struct mux *m, struct mux_chan *c, size_t *bytes)
             m->st.pauses_sent++;
         else
             m->st.resumes_sent++;
-    } else if (c->out_data) {
-        c->out_data = false;
-        c->in_batch = true;
-        m->txchans[m->ntx++] = c;
+    } else if (c->out_n > c->out_tx) {
+        const struct mux_out *o = &c->out[c->out_tx++];
+
+        tx->chans[tx->nchans++] = c;
         flow = FRAME_DATA;
-        rc = frame_batch_data(b, c->id, c->rbuf, (uint32_t)c->out_len);
-        *bytes += c->out_len;
+        if (o->buf == NULL) { /* spliced: a placeholder, see tx_step */
+            tx->spl[tx->nspl++] = c;
+            rc = frame_batch_data(b, c->id, &tx->mark, o->len);
+        } else {
+            rc = frame_batch_data(b, c->id, o->buf, o->len);
+        }
+        *bytes += o->len;
+        chan_arm_read(c); /* read the next one while this one is written */
     } else if (c->need_close) {
         c->need_close = false;
         flow = FRAME_CLOSE;
@@ -506,45 +795,58 @@ static int chan_emit(struct mux *m, struct mux_chan *c, size_t *bytes)
     return rc;
 }
 
-static int ctl_emit(struct mux *m)
+/* Up to max control frames into the batch, oldest first. */
+static int ctl_emit(struct mux *m, size_t max)
 {
+    struct mux_tx *tx = m->tx;
     size_t i;
     int rc = 0;
 
-    for (i = 0; i < m->ctl_n && rc == 0; i++) {
-        const struct mux_ctl *x = &m->ctl[i];
+    for (i = 0; i < tx->ctl_n && i < max && rc == 0; i++) {
+        const struct mux_ctl *x = &tx->ctl[i];
 
         if (x->kind == CTL_CLOSE) {
-            rc = frame_batch_close(&m->batch, x->id);
+            rc = frame_batch_close(&tx->batch, x->id);
             m->st.frames_out[mux_flow_index(FRAME_CLOSE)]++;
         } else {
-            rc = frame_batch_ping(&m->batch, x->id, x->kind == CTL_PONG);
+            rc = frame_batch_ping(&tx->batch, x->id, x->kind == CTL_PONG);
             m->st.frames_out[mux_flow_index(FRAME_PING)]++;
         }
     }
-    m->ctl_n = 0;
+    tx->ctl_n -= i;
+    memmove(tx->ctl, tx->ctl + i, tx->ctl_n * sizeof(tx->ctl[0]));
     return rc;
 }
 
-static void tx_cb(struct eng_op *op, int res);
+static void tx_step(struct mux *m);
 
 /* End of turn: everything queued this turn goes out as one batch, channels
- * served round-robin one frame at a time. */
+ * served round-robin one frame at a time. cfg.batch off: one frame per
+ * send (the ablation that shows what batching buys). */
 static void flush_cb(struct eng_defer *d)
 {
     struct mux *m = caa_container_of(d, struct mux, flush_d);
-    struct frame_batch *b = &m->batch;
+    size_t bytes = 0, max = m->cfg.batch ? FRAME_BATCH_MAX : 1;
     const struct iovec *iov;
-    size_t bytes = 0;
+    struct frame_batch *b;
+    struct mux_tx *tx;
     int cnt;
 
     if (m->closing || m->tx_busy)
         return;
+    if (m->tx == NULL && cds_list_empty(&m->ready))
+        return;
+    if ((tx = tx_get(m)) == NULL) {
+        mux_close(m, MUX_R_TUNNEL_ERROR);
+        return;
+    }
+    b = &tx->batch;
     frame_batch_reset(b, &m->enc);
-    m->ntx = 0;
-    if (ctl_emit(m) != 0)
+    tx->nchans = tx->nspl = tx->spl_pos = 0;
+    if (ctl_emit(m, max) != 0)
         goto fail;
-    while (!cds_list_empty(&m->ready) && !frame_batch_full(b) && bytes < MUX_BATCH_BUDGET) {
+    while (!cds_list_empty(&m->ready) && !frame_batch_full(b) && bytes < MUX_BATCH_BUDGET &&
+           b->nframes < max) {
         struct mux_chan *c = cds_list_first_entry(&m->ready, struct mux_chan, ready);
 
         if (chan_emit(m, c, &bytes) != 0)
@@ -557,22 +859,26 @@ static void flush_cb(struct eng_defer *d)
             chan_check(c);
         }
     }
-    if (frame_batch_empty(b))
+    if (frame_batch_empty(b)) {
+        tx_trim(m);
         return;
+    }
     if (frame_batch_seal(b) != 0)
         goto fail;
     iov = frame_batch_iov(b, &cnt);
-    memcpy(m->txiov, iov, (size_t)cnt * sizeof(*iov));
+    memcpy(tx->iov, iov, (size_t)cnt * sizeof(*iov));
+    tx->iovcnt = cnt;
+    tx->pos = 0;
     m->st.batches++;
     m->st.batch_frames += b->nframes;
     m->tx_busy = true;
-    eng_send(m->e, &m->wr, m->fd, m->txiov, cnt);
+    tx_step(m);
     return;
 fail:
-    /* Nothing was sent: the DATA buffers are no longer borrowed. */
-    for (size_t i = 0; i < m->ntx; i++)
-        m->txchans[i]->in_batch = false;
-    m->ntx = 0;
+    /* Nothing was sent: the DATA payloads are no longer borrowed. */
+    for (size_t i = 0; i < tx->nchans; i++)
+        tx->chans[i]->out_tx = 0;
+    tx->nchans = 0;
     mux_close(m, MUX_R_TUNNEL_ERROR);
 }
 
@@ -585,22 +891,64 @@ static void schedule_flush(struct mux *m)
 
 static void rx_process(struct mux *m);
 
+/* Send the sealed batch in order: each run of iovecs with one eng_send
+ * (MSG_MORE when a spliced payload follows), each spliced payload with
+ * eng_splice from its channel's pipe. Without splicing: one send. */
+static void tx_step(struct mux *m)
+{
+    struct mux_tx *tx = m->tx;
+    int k = tx->pos;
+
+    if (tx->iov[k].iov_base == &tx->mark) {
+        struct mux_chan *c = tx->spl[tx->spl_pos++];
+
+        tx->pos++;
+        eng_splice(m->e, &m->wr, m->fd, c->pipe.fd[0], tx->iov[k].iov_len, ENG_SPLICE_OUT);
+        return;
+    }
+    while (k < tx->iovcnt && tx->iov[k].iov_base != &tx->mark)
+        k++;
+    if (k < tx->iovcnt)
+        eng_send_more(m->e, &m->wr, m->fd, tx->iov + tx->pos, k - tx->pos);
+    else
+        eng_send(m->e, &m->wr, m->fd, tx->iov + tx->pos, k - tx->pos);
+    tx->pos = k;
+}
+
+static void tx_done(struct mux *m, int res, bool sent);
+
 static void tx_cb(struct eng_op *op, int res)
 {
     struct mux *m = caa_container_of(op, struct mux, wr);
+    bool rest = m->tx->pos < m->tx->iovcnt;
+
+    if (res >= 0 && !m->closing && rest) {
+        tx_step(m);
+        return;
+    }
+    tx_done(m, res, res >= 0 && !rest);
+}
+
+/* The whole batch is written (or failed): its payloads go back, their
+ * channels read again. */
+static void tx_done(struct mux *m, int res, bool sent)
+{
+    struct mux_tx *tx = m->tx;
     size_t i;
 
     m->tx_busy = false;
-    for (i = 0; i < m->ntx; i++) {
-        struct mux_chan *c = m->txchans[i];
+    /* Oldest first, once per DATA frame (a channel may have had two). */
+    for (i = 0; i < tx->nchans; i++)
+        chan_out_done(tx->chans[i], sent);
+    for (i = 0; i < tx->nchans; i++) {
+        struct mux_chan *c = tx->chans[i];
 
-        c->in_batch = false;
         if (c->closing)
             chan_check(c);
         else
             chan_arm_read(c);
     }
-    m->ntx = 0;
+    tx->nchans = 0;
     if (m->closing) {
         mux_check(m);
         return;
@@ -614,11 +962,39 @@ static void tx_cb(struct eng_op *op, int res)
         m->rx_stalled = false;
         rx_process(m);
     }
-    if (!m->closing && (m->ctl_n > 0 || !cds_list_empty(&m->ready)))
+    if (m->closing)
+        return;
+    if ((m->tx != NULL && m->tx->ctl_n > 0) || !cds_list_empty(&m->ready))
         schedule_flush(m);
+    else
+        tx_trim(m);
 }
 
 /* ---- the tunnel: receiving ----------------------------------------------- */
+
+/* Incoming queue crossed in_high: PAUSE the peer (protocol >= 1). */
+static void chan_water(struct mux *m, struct mux_chan *c)
+{
+    if (m->cfg.version >= 1 && !c->under_water && c->q.bytes >= m->cfg.in_high) {
+        c->under_water = true;
+        if (!c->pause_sent)
+            ready_add(c);
+    }
+}
+
+
+/* A frame for an id not open: dropped, counted as late when this side
+ * closed that channel recently, else as an unknown id. */
+static void drop_unknown(struct mux *m, const uint8_t id[FRAME_ID_LEN])
+{
+    for (unsigned i = 0; i < m->late_n; i++) {
+        if (memcmp(m->late[i], id, FRAME_ID_LEN) == 0) {
+            m->st.dropped_late++;
+            return;
+        }
+    }
+    m->st.dropped_unknown_id++;
+}
 
 static void on_data(struct mux *m, const struct frame_ev *ev)
 {
@@ -626,7 +1002,7 @@ static void on_data(struct mux *m, const struct frame_ev *ev)
 
     if (c == NULL) {
         if (ev->offset == 0)
-            m->st.dropped_unknown_id++;
+            drop_unknown(m, ev->id);
         return;
     }
     if (ev->offset == 0 && c->q.bytes >= m->cfg.in_limit) {
@@ -639,11 +1015,7 @@ static void on_data(struct mux *m, const struct frame_ev *ev)
         chan_close(c, MUX_R_LOCAL_ERROR, true, false);
         return;
     }
-    if (m->cfg.version >= 1 && !c->under_water && c->q.bytes >= m->cfg.in_high) {
-        c->under_water = true;
-        if (!c->pause_sent)
-            ready_add(c);
-    }
+    chan_water(m, c);
     if (c->fd >= 0)
         chan_kick_write(c);
     else if (ev->last && ev->len + ev->offset > 0 && m->hooks.on_pending_data != NULL)
@@ -671,7 +1043,7 @@ static void on_new(struct mux *m, const struct frame_ev *ev)
         ctl_push(m, CTL_CLOSE, ev->id);
         return;
     }
-    c = chan_new(m, ev->id, &ev->caller, 0);
+    c = chan_new(m, ev->id, &ev->caller);
     if (c == NULL) {
         m->st.chan_closed[MUX_R_LIMIT]++;
         ctl_push(m, CTL_CLOSE, ev->id);
@@ -702,8 +1074,10 @@ static void on_frame(struct mux *m, const struct frame_ev *ev)
         break;
     }
     c = chan_find(m, ev->id);
-    if (c == NULL)
-        return; /* CLOSE/PAUSE/RESUME for unknown ids are ignored */
+    if (c == NULL) {
+        drop_unknown(m, ev->id); /* CLOSE/PAUSE/RESUME: ignored, counted */
+        return;
+    }
     if (ev->flow == FRAME_CLOSE) {
         chan_close(c, MUX_R_PEER_CLOSE, false, true);
     } else if (ev->flow == FRAME_PAUSE) {
@@ -716,6 +1090,272 @@ static void on_frame(struct mux *m, const struct frame_ev *ev)
 
 static void rx_cb(struct eng_op *op, int res);
 
+static void rx_release(struct mux *m)
+{
+    if (m->rx != NULL) {
+        if (m->rx_eng)
+            eng_buf_put(m->e, m->rx);
+        else
+            free(m->rx);
+    }
+    m->rx = NULL;
+    m->rx_eng = false;
+    m->rx_off = m->rx_len = 0;
+}
+
+/* The undecoded rest must outlive this callback: copy it out of an engine
+ * buffer, so that a stalled tunnel never pins one (io_uring: a provided
+ * ring buffer every connection of the shard shares). */
+static int rx_keep(struct mux *m)
+{
+    size_t n = m->rx_len - m->rx_off;
+    uint8_t *p;
+
+    if (!m->rx_eng)
+        return 0;
+    p = malloc(n);
+    if (p == NULL)
+        return -1;
+    memcpy(p, m->rx + m->rx_off, n);
+    rx_release(m);
+    m->rx = p;
+    m->rx_len = n;
+    return 0;
+}
+
+static int dec_get(struct mux *m)
+{
+    if (m->dec != NULL)
+        return 0;
+    m->dec = malloc(sizeof(*m->dec));
+    if (m->dec == NULL)
+        return -1;
+    frame_dec_init(m->dec, m->open, m->cfg.version, m->cfg.max_frame);
+    return 0;
+}
+
+/* Everything read is decoded: give the buffer back, drop the decoder if
+ * no frame is split across reads, and read again (one header only right
+ * after a spliced payload, so that the next large one splices too). */
+static void rx_arm(struct mux *m)
+{
+    size_t len = m->rx_hdr ? frame_wire_len(&m->enc, FRAME_PING, 0, NULL)
+                           : read_len(m->cfg.rx_size, m->rx_big);
+
+    rx_release(m);
+    if (m->dec != NULL && m->dec->state == m->dec_boundary && m->dec->have == 0) {
+        free(m->dec);
+        m->dec = NULL;
+    }
+    m->rx_hdr = false;
+    m->rd_busy = true;
+    eng_recv_pick(m->e, &m->rd, m->fd, len);
+}
+
+/* ---- the tunnel: incoming splice -------------------------------------------
+ *
+ *   rx buffer runs out inside a DATA payload (rest >= spl_min(in), channel
+ *   socket free, queue empty; else, with no other channel, WAIT up to
+ *   MUX_SPLICE_WAIT_MS for its queue to drain) --> IN: eng_splice tunnel
+ *   -> pipe (m->rd) --> OUT: eng_splice pipe -> local, OUT_TRY (c->wr)
+ *   --all moved--> IN again while the payload lasts, then a header-only
+ *   read; --some left--> DRAIN: eng_read pipe -> queue (c->wr), then the
+ *   copy path takes over. c->spl_wr keeps every other writer off the
+ *   local socket meanwhile. */
+
+static void spl_in_cb(struct eng_op *op, int res);
+static void spl_out_cb(struct eng_op *op, int res);
+static void spl_drain_cb(struct eng_op *op, int res);
+static void chan_wr_cb(struct eng_op *op, int res);
+
+/* Back to the copy path: the pipe goes back (closed if it holds bytes),
+ * the channel's socket is free again. */
+static void spl_end(struct mux *m)
+{
+    struct mux_chan *c = m->spl_c;
+
+    if (m->spl_buf != NULL)
+        eng_buf_put(m->e, m->spl_buf);
+    m->spl_buf = NULL;
+    pipe_put(m, &m->pipe);
+    m->spl_c = NULL;
+    if (c != NULL) {
+        c->spl_wr = false;
+        chan_check(c);
+    }
+}
+
+static void spl_read(struct mux *m, uint32_t left)
+{
+    size_t n = (size_t)m->pipe.cap - m->pipe.n;
+
+    if (n > left)
+        n = left;
+    m->rd.cb = spl_in_cb;
+    m->rd_busy = true;
+    eng_splice(m->e, &m->rd, m->fd, m->pipe.fd[1], n, ENG_SPLICE_IN);
+}
+
+static bool spl_start(struct mux *m)
+{
+    uint8_t id[FRAME_ID_LEN];
+    uint32_t left;
+    struct mux_chan *c;
+
+    if (m->dec == NULL || !frame_dec_in_data(m->dec, id, &left) || left < spl_min(m, true))
+        return false;
+    c = chan_find(m, id);
+    if (c == NULL || c->fd < 0 || c->closing || c->spl_wr || c->prefix != NULL)
+        return false;
+    if (c->wr_busy || c->q.bytes > 0) {
+        /* Its earlier bytes are still being written. A streaming channel
+         * is always in that state when the tunnel buffer runs out: wait
+         * for them (the tunnel is not read meanwhile), unless that would
+         * hold up other channels, or its reader is known to be slow. */
+        if (m->nchan > 1 || c->spl_slow)
+            return false;
+        rx_release(m);
+        m->spl_wait = c;
+        m->spl_wait_at = now_ms(m);
+        eng_timer_add(m->e, &m->tick, MUX_SPLICE_WAIT_MS);
+        return true;
+    }
+    if (!pipe_get(m, &m->pipe))
+        return false;
+    /* Nothing of it was decoded: the frame is counted here. */
+    if (left == m->dec->size)
+        m->st.frames_in[mux_flow_index(FRAME_DATA)]++;
+    rx_release(m);
+    m->spl_c = c;
+    c->spl_wr = true;
+    spl_read(m, left);
+    return true;
+}
+
+static void spl_in_cb(struct eng_op *op, int res)
+{
+    struct mux *m = caa_container_of(op, struct mux, rd);
+    struct mux_chan *c = m->spl_c;
+
+    m->rd_busy = false;
+    m->rd.cb = rx_cb;
+    if (res > 0)
+        m->pipe.n += (uint32_t)res;
+    if (m->closing) {
+        spl_end(m);
+        mux_check(m);
+        return;
+    }
+    if (res <= 0) {
+        spl_end(m);
+        mux_close(m, res == 0 ? MUX_R_PEER_EOF : MUX_R_TUNNEL_ERROR);
+        return;
+    }
+    frame_dec_skip(m->dec, (uint32_t)res);
+    m->last_act = now_ms(m);
+    if (c->closing && !c->draining) { /* nobody to write to: dropped */
+        spl_end(m);
+        rx_process(m);
+        return;
+    }
+    /* Never wait on the local socket here: the tunnel would not be read
+     * (other channels, PINGs) for as long as that reader sleeps. */
+    c->wr.cb = spl_out_cb;
+    c->wr_busy = true;
+    eng_splice(m->e, &c->wr, c->fd, m->pipe.fd[0], m->pipe.n, ENG_SPLICE_OUT_TRY);
+}
+
+/* What the local socket did not take moves to its queue. */
+static void spl_drain(struct mux *m)
+{
+    struct mux_chan *c = m->spl_c;
+    size_t n = m->pipe.n > ENG_PBUF_BIG ? ENG_PBUF_BIG : m->pipe.n;
+
+    if (m->spl_buf == NULL && (m->spl_buf = eng_buf_get(m->e, ENG_PBUF_BIG)) == NULL) {
+        spl_end(m);
+        chan_close(c, MUX_R_LOCAL_ERROR, true, false);
+        rx_process(m);
+        return;
+    }
+    c->wr.cb = spl_drain_cb;
+    c->wr_busy = true;
+    eng_read(m->e, &c->wr, m->pipe.fd[0], m->spl_buf, n);
+}
+
+static void spl_out_cb(struct eng_op *op, int res)
+{
+    struct mux_chan *c = caa_container_of(op, struct mux_chan, wr);
+    struct mux *m = c->m;
+    uint8_t id[FRAME_ID_LEN];
+    uint32_t left;
+
+    c->wr_busy = false;
+    c->wr.cb = chan_wr_cb;
+    if (res > 0) {
+        m->pipe.n -= (uint32_t)res;
+        m->st.bytes_to_local += (uint64_t)res;
+        c->last_act = now_ms(m);
+    }
+    if (m->closing) {
+        spl_end(m);
+        return;
+    }
+    if (res < 0) {
+        spl_end(m);
+        chan_close(c, MUX_R_LOCAL_ERROR, true, false);
+        rx_process(m);
+        return;
+    }
+    if (m->pipe.n > 0) {
+        spl_drain(m);
+        return;
+    }
+    if ((!c->closing || c->draining) && frame_dec_in_data(m->dec, id, &left) &&
+        memcmp(id, c->id, FRAME_ID_LEN) == 0) {
+        spl_read(m, left); /* the same payload goes on */
+        return;
+    }
+    m->rx_hdr = true;
+    spl_end(m);
+    rx_process(m);
+}
+
+static void spl_drain_cb(struct eng_op *op, int res)
+{
+    struct mux_chan *c = caa_container_of(op, struct mux_chan, wr);
+    struct mux *m = c->m;
+    bool keep = !c->closing || c->draining;
+
+    c->wr_busy = false;
+    c->wr.cb = chan_wr_cb;
+    if (res > 0) {
+        m->pipe.n -= (uint32_t)res;
+        if (!m->closing && keep &&
+            mux_queue_append(&c->q, &m->pool, m->spl_buf, (size_t)res, 0) != 0)
+            res = -ENOMEM;
+    }
+    if (m->closing) {
+        spl_end(m);
+        return;
+    }
+    if (res <= 0) {
+        spl_end(m);
+        chan_close(c, MUX_R_LOCAL_ERROR, true, false);
+        rx_process(m);
+        return;
+    }
+    if (m->pipe.n > 0) {
+        spl_drain(m);
+        return;
+    }
+    spl_end(m);
+    if (keep) {
+        chan_water(m, c);
+        chan_kick_write(c);
+    }
+    rx_process(m);
+}
+
 /* Decode what is in rx[off..len) and act on it; then read more. Stops
  * early (stalled) when the control queue is full, so pings cannot pile up
  * replies without bound; the flush's callback resumes it. */
@@ -727,17 +1367,24 @@ static void rx_process(struct mux *m)
         size_t used = 0;
 
         if (m->rx_off >= m->rx_len) {
-            m->rx_off = m->rx_len = 0;
-            m->rd_busy = true;
-            eng_recv(m->e, &m->rd, m->fd, m->rx, m->rx_cap);
+            if (!spl_start(m))
+                rx_arm(m);
             return;
         }
-        if (m->ctl_n >= MUX_CTL_MAX) {
+        if (ctl_full(m)) {
+            if (rx_keep(m) != 0) {
+                mux_close(m, MUX_R_TUNNEL_ERROR);
+                break;
+            }
             m->rx_stalled = true;
             schedule_flush(m);
             return;
         }
-        r = frame_dec_feed(&m->dec, m->rx + m->rx_off, m->rx_len - m->rx_off, &used, &ev);
+        if (dec_get(m) != 0) {
+            mux_close(m, MUX_R_TUNNEL_ERROR);
+            break;
+        }
+        r = frame_dec_feed(m->dec, m->rx + m->rx_off, m->rx_len - m->rx_off, &used, &ev);
         m->rx_off += used;
         if (r == FRAME_AGAIN)
             continue;
@@ -756,6 +1403,7 @@ static void rx_process(struct mux *m)
             on_frame(m, &ev);
         }
     }
+    rx_release(m);
 }
 
 static void rx_cb(struct eng_op *op, int res)
@@ -763,6 +1411,8 @@ static void rx_cb(struct eng_op *op, int res)
     struct mux *m = caa_container_of(op, struct mux, rd);
 
     m->rd_busy = false;
+    if (res > 0 && m->closing)
+        eng_buf_put(m->e, eng_op_buf(op));
     if (m->closing) {
         mux_check(m);
         return;
@@ -771,6 +1421,9 @@ static void rx_cb(struct eng_op *op, int res)
         mux_close(m, res == 0 ? MUX_R_PEER_EOF : MUX_R_TUNNEL_ERROR);
         return;
     }
+    m->rx_big = (size_t)res >= read_len(m->cfg.rx_size, m->rx_big);
+    m->rx = eng_op_buf(op);
+    m->rx_eng = true;
     m->rx_off = 0;
     m->rx_len = (size_t)res;
     rx_process(m);
@@ -780,7 +1433,8 @@ static void start_cb(struct eng_defer *d)
 {
     struct mux *m = caa_container_of(d, struct mux, start_d);
 
-    if (!m->closing && !m->rd_busy)
+    /* Not while a splice or a wait owns the tunnel's reading. */
+    if (!m->closing && !m->rd_busy && m->spl_c == NULL && m->spl_wait == NULL)
         rx_process(m);
 }
 
@@ -826,10 +1480,16 @@ static void tick_cb(struct timer *t)
         mux_ping(m);
         m->next_ping = now + m->cfg.ping_ms;
     }
+    if (m->spl_wait != NULL && now - m->spl_wait_at >= MUX_SPLICE_WAIT_MS) {
+        /* That reader is slow: copy for it until its queue has drained,
+         * and read the tunnel again now. */
+        m->spl_wait->spl_slow = true;
+        spl_wait_end(m);
+    }
     tick_chans(m, now);
     mux_queue_pool_tick(&m->pool);
     if (!m->closing)
-        eng_timer_add(m->e, &m->tick, m->tick_ms);
+        eng_timer_add(m->e, &m->tick, m->spl_wait != NULL ? MUX_SPLICE_WAIT_MS : m->tick_ms);
 }
 
 /* A quarter of the shortest timeout, so each fires at most 25% late. */
@@ -861,7 +1521,10 @@ static void free_cb(struct eng_defer *d)
     tc_free(m->seal);
     tc_free(m->open);
     mux_queue_pool_trim(&m->pool);
-    free(m->rx);
+    rx_release(m);
+    spl_end(m);
+    free(m->dec);
+    free(m->tx);
     free(m);
 }
 
@@ -909,14 +1572,16 @@ void mux_close(struct mux *m, enum mux_reason why)
     if (m->tx_busy)
         eng_cancel(&m->wr);
     eng_timer_del(m->e, &m->tick);
-    m->ctl_n = 0;
+    if (m->tx != NULL)
+        m->tx->ctl_n = 0;
     cds_list_for_each_entry_safe(c, tmp, &m->all, all) {
         ready_del(c);
         if (!c->closing) {
             chan_close(c, MUX_R_TUNNEL_DOWN, false, false);
             continue;
         }
-        c->need_close = c->out_data = false;
+        c->need_close = false;
+        chan_drop_out(c);
         if (c->draining) {
             c->draining = false;
             if (c->wr_busy)
@@ -938,23 +1603,29 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
     if (m == NULL)
         return NULL;
     m->cfg = *cfg;
-    if (m->cfg.read_size == 0 || m->cfg.read_size > FRAME_MAX_DATA)
-        m->cfg.read_size = 64u << 10;
+    if (m->cfg.read_size == 0 || m->cfg.read_size > ENG_PBUF_BIG)
+        m->cfg.read_size = ENG_PBUF_BIG;
     /* A queue chunk holds a PENDING channel's whole first frame: keep any
      * one local send far below INT_MAX. */
     if (m->cfg.max_frame == 0 || m->cfg.max_frame > MUX_FRAME_CAP)
         m->cfg.max_frame = m->cfg.max_frame == 0 ? FRAME_MAX_DATA : MUX_FRAME_CAP;
-    if (m->cfg.rx_size < 4096)
-        m->cfg.rx_size = 256u << 10;
-    m->rx_cap = npending > m->cfg.rx_size ? npending : m->cfg.rx_size;
-    m->rx = malloc(m->rx_cap);
-    if (m->rx == NULL) {
+    if (m->cfg.rx_size < 4096 || m->cfg.rx_size > ENG_PBUF_BIG)
+        m->cfg.rx_size = ENG_PBUF_BIG;
+    /* The decoder exists from the start (pending bytes may need it); its
+     * state now is the one every frame boundary returns to. */
+    m->dec = malloc(sizeof(*m->dec));
+    if (m->dec == NULL || (npending > 0 && (m->rx = malloc(npending)) == NULL)) {
+        free(m->dec);
         free(m);
         return NULL;
     }
+    frame_dec_init(m->dec, open, cfg->version, m->cfg.max_frame);
+    m->dec_boundary = m->dec->state;
     if (npending > 0)
         memcpy(m->rx, pending, npending);
     m->rx_len = npending;
+    m->rnd_pos = sizeof(m->rnd);
+    pipe_init(&m->pipe);
     m->e = e;
     m->fd = fd;
     m->hooks = *hooks;
@@ -962,9 +1633,7 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
     m->open = open;
     CDS_INIT_LIST_HEAD(&m->all);
     CDS_INIT_LIST_HEAD(&m->ready);
-    frame_enc_init(&m->enc, seal, cfg->version, NULL);
-    frame_dec_init(&m->dec, open, cfg->version, m->cfg.max_frame);
-    frame_batch_reset(&m->batch, &m->enc);
+    frame_enc_init(&m->enc, seal, cfg->version, &(struct tc_rng){ .draw = rnd_draw, .ctx = m });
     eng_op_init(&m->rd, rx_cb);
     eng_op_init(&m->wr, tx_cb);
     m->last_act = now_ms(m);
@@ -985,6 +1654,7 @@ struct mux_chan *mux_chan_open(struct mux *m, int fd, const struct net_addr *cal
 {
     uint8_t id[FRAME_ID_LEN];
     struct mux_chan *c = NULL;
+    struct mux_out o = { .heap = n > ENG_PBUF_BIG };
     int tries;
 
     if (m->closing || n > FRAME_MAX_DATA ||
@@ -993,24 +1663,31 @@ struct mux_chan *mux_chan_open(struct mux *m, int fd, const struct net_addr *cal
         eng_close(m->e, fd);
         return NULL;
     }
+    /* The first bytes travel as the channel's first payload. */
+    if (n > 0 && (o.buf = o.heap ? malloc(n) : eng_buf_get(m->e, n)) == NULL) {
+        eng_close(m->e, fd);
+        return NULL;
+    }
     for (tries = 0; tries < 4; tries++) {
         if (frame_new_id(&m->enc, id) != 0)
             break;
         if (chan_find(m, id) == NULL) {
-            c = chan_new(m, id, caller, n);
+            c = chan_new(m, id, caller);
             break;
         }
     }
     if (c == NULL) {
+        if (o.buf != NULL)
+            out_release(m, &o);
         eng_close(m->e, fd);
         return NULL;
     }
     c->fd = fd;
     c->need_new = true;
     if (n > 0) {
-        memcpy(c->rbuf, first, n);
-        c->out_len = n;
-        c->out_data = true;
+        memcpy(o.buf, first, n);
+        o.len = (uint32_t)n;
+        c->out[c->out_n++] = o;
         m->st.bytes_from_local += n;
     }
     ready_add(c);
@@ -1095,7 +1772,7 @@ void mux_ping(struct mux *m)
 {
     uint8_t id[FRAME_ID_LEN];
 
-    if (m->closing || m->ctl_n >= MUX_CTL_MAX || frame_new_id(&m->enc, id) != 0)
+    if (m->closing || ctl_full(m) || frame_new_id(&m->enc, id) != 0)
         return;
     ctl_push(m, CTL_PING, id);
     if (m->cfg.pong_ms > 0 && m->pong_deadline == 0)

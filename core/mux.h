@@ -9,19 +9,28 @@
  *
  * Data path (both directions keep PROTOCOL.md order rules):
  *
- *   local fd --recv(chunk)--> DATA frame queued --batch seal + one writev--> tunnel
- *   tunnel --recv(big buf)--> frame_dec --DATA pieces copied into the
- *       channel's incoming queue--> send to local fd
+ *   local fd --recv(engine-picked buf)--> DATA frame queued --batch seal +
+ *       one writev--> tunnel
+ *   tunnel --recv(engine-picked buf)--> frame_dec --DATA pieces copied into
+ *       the channel's incoming queue--> send to local fd
  *
  * - Outgoing: channels with something to send sit on a ready list served
  *   round-robin, one frame per channel per pass, so one busy channel cannot
  *   starve the others (5.2). Every frame gathered in one loop turn goes into
  *   one struct frame_batch: headers sealed with ONE cipher call, headers and
  *   payloads written with ONE vectored send; one send in flight on the
- *   tunnel. A channel's local recv is re-armed only when its last DATA has
- *   been written (its outgoing queue is that one buffer), so a channel never
- *   holds more than mux_cfg.read_size bytes of unsent data and the local
- *   socket's own buffer provides the backpressure.
+ *   tunnel. A channel holds at most two payloads read from its local
+ *   socket: while one is being written in a batch, the next is read
+ *   (overlap); a third read waits for that write. So a channel never holds
+ *   more than 2 * mux_cfg.read_size bytes and the local socket's own buffer
+ *   provides the backpressure.
+ * - Memory: receive buffers are picked by the engine when data arrives
+ *   (eng_recv_pick: an io_uring provided buffer ring, or the epoll engine's
+ *   pool at readiness) and go back once the data is forwarded; the frame
+ *   decoder and the send context (batch, control frames) exist only while
+ *   in use. An idle tunnel or channel holds none of them (struct mux is
+ *   1.25 KiB, struct mux_chan 0.6 KiB; plus the ciphers, the role's own
+ *   records and the kernel's socket buffers).
  * - Incoming: DATA is copied out of the tunnel buffer into the channel's
  *   queue at once, so the tunnel is read at full speed whatever any one
  *   local socket does. Protocol >= 1: crossing in_high queues PAUSE, coming
@@ -41,7 +50,9 @@
  *   nothing at all. Tunnel closed → every local socket closed, no CLOSE
  *   frames.
  * - Protocol rules on receipt (4.10): unknown FLOW consumed and counted;
- *   DATA/CLOSE/PAUSE/RESUME for unknown ids dropped silently; NEW at the
+ *   DATA/CLOSE/PAUSE/RESUME for unknown ids dropped (counted; apart, as
+ *   "late", when this side closed that id among its last MUX_LATE_IDS
+ *   closes: the peer sent them before it saw our CLOSE); NEW at the
  *   gateway ignored; NEW with an id already open closes the tunnel; PING
  *   answered with "pong" and the same id; any fatal decoder error closes
  *   the tunnel.
@@ -109,6 +120,57 @@ enum mux_reason {
 /* "local_eof", "peer_close", ... stable names for logs and metrics. */
 const char *mux_reason_name(enum mux_reason r);
 
+/* The splice path (DATA payloads moved socket -> pipe -> socket with
+ * splice(2), never copied through user memory; both engines):
+ *   incoming  tunnel -> pipe -> local socket, for a payload whose rest is
+ *             at least the incoming threshold when the tunnel buffer runs
+ *             out
+ *             (then the next tunnel read takes one header only, so that
+ *             the next large payload splices too). Its channel's earlier
+ *             bytes must have been written first: the tunnel waits for
+ *             them at most 20 ms (MUX_SPLICE_WAIT_MS, and only when it has
+ *             no other channel; a reader that makes it wait that long is
+ *             copied for until its queue drains). What the local socket
+ *             does not take at once is read from the pipe into the
+ *             channel's queue: the tunnel never waits on a local reader.
+ *   outgoing  local socket -> pipe -> tunnel (the frame header goes out
+ *             with MSG_MORE, the payload with splice), for a channel whose
+ *             last read returned at least the outgoing threshold; a read
+ *             then takes up to the pipe size (ENG_PIPE_SIZE, 1 MiB).
+ * Thresholds (measured: the table just before MUX_SPLICE_IN_AUTO):
+ *   auto  incoming from MUX_SPLICE_IN_AUTO bytes, outgoing from
+ *         MUX_SPLICE_OUT_AUTO bytes;
+ *   on    every payload both paths can take; off  always copy. */
+enum mux_splice {
+    MUX_SPLICE_AUTO = 1,
+    MUX_SPLICE_ON = 2,
+    MUX_SPLICE_OFF = 3,
+};
+
+/* Where splice pays, measured on loopback (kernel 6.18, 2 vCPU): CPU-s
+ * per GiB of one forwarding process, copy vs splice, by payload size:
+ *
+ *              4 KiB   16 KiB  64 KiB  256 KiB  1 MiB
+ *   incoming   0.75    0.35    0.47    0.45     0.51   copy (recv 256 KiB,
+ *              1.71    0.56    0.33    0.23     0.25   splice   queue, send)
+ *   outgoing   2.04    0.61    0.57    0.35     0.26   copy (recv + writev)
+ *              2.21    0.61    0.48    0.39     0.20   splice (+ MSG_MORE hdr)
+ *
+ * Incoming splice wins from 64 KiB; outgoing only with reads larger than
+ * the 256 KiB copy buffer, which the 1 MiB pipe gives once a stream fills
+ * big reads. End to end (bench raw, 4 GiB, auto vs off): gateway 0.305 vs
+ * 0.395 CPU-s/GiB, client 0.22 vs 0.37; 100-byte keep-alive unchanged,
+ * while "on" (splicing every payload) costs 3.5x CPU per request there. */
+/* Incoming payloads (rest) of at least this many bytes splice in auto. */
+#define MUX_SPLICE_IN_AUTO (64u << 10)
+/* A channel whose last read returned at least this many bytes splices its
+ * next read in auto. */
+#define MUX_SPLICE_OUT_AUTO (256u << 10)
+
+/* "auto", "on", "off" -> *out; -1 for anything else. */
+int mux_splice_parse(const char *s, enum mux_splice *out);
+const char *mux_splice_name(enum mux_splice s);
+
 /* Tunables; mux_cfg_defaults() fills PROTOCOL.md 5.2 / 6.9 values. */
 struct mux_cfg {
     enum tc_side side;        /* who we are: sets NEW handling and nonces */
@@ -116,7 +178,9 @@ struct mux_cfg {
     uint32_t max_frame;       /* cap on received SIZE (default 16 MiB,
                                  at most 256 MiB) */
     size_t read_size;         /* bytes per local recv = max DATA we send
-                                 (default 64 KiB) */
+                                 (default and most: ENG_PBUF_BIG, 256 KiB;
+                                 reads start at ENG_PBUF_SMALL and grow to
+                                 this while they come back full) */
     size_t in_high, in_low;   /* incoming watermarks (2 MiB / 512 KiB) */
     size_t in_limit;          /* incoming cap: 65 MiB (v>=1), 256 MiB (v0) */
     size_t max_channels;      /* 0 = unlimited */
@@ -124,10 +188,17 @@ struct mux_cfg {
     uint32_t chan_idle_ms;    /* 0 = off; default 120000 (gateway) */
     uint32_t ping_ms;         /* client: ping interval, 0 = never (gateway) */
     uint32_t pong_ms;         /* client: deadline for the reply (90000) */
-    size_t rx_size;           /* tunnel recv buffer (default 256 KiB) */
+    size_t rx_size;           /* bytes per tunnel recv (default and most:
+                                 ENG_PBUF_BIG, 256 KiB; adaptive as
+                                 read_size) */
     uint32_t linger_ms;       /* closing channel: longest wait for its local
                                  reader to take the queued data (10000);
                                  0 = wait for the channel idle timer */
+    bool batch;               /* gather every frame of a loop turn into one
+                                 sealed batch and one writev (default true);
+                                 false: one frame per send, an ablation knob
+                                 that shows what batching buys */
+    enum mux_splice splice;   /* default MUX_SPLICE_AUTO, see above */
 };
 
 void mux_cfg_defaults(struct mux_cfg *cfg, enum tc_side side, unsigned version);
@@ -141,6 +212,9 @@ struct mux_stats {
     uint64_t chan_opened;
     uint64_t chan_closed[MUX_R_COUNT];
     uint64_t dropped_unknown_id;          /* frames for ids not open */
+    uint64_t dropped_late;                /* frames for a channel this side
+                                             closed lately (the peer sent
+                                             them before it saw our CLOSE) */
     uint64_t pauses_sent, resumes_sent;
     uint64_t batches, batch_frames;       /* writev count, frames in them */
     uint64_t bad_new;                     /* v>=2 NEW with a short block:

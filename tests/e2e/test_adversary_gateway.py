@@ -57,12 +57,7 @@ import e2elib as L  # noqa: E402
 import protoclient as P  # noqa: E402
 
 # case name (without the "<engine>: " prefix) -> one-line description
-EXPECTED_BUGS = {
-    'counter g1 snitun_frames_dropped_total{reason="unknown_id"}':
-        "CLOSE/PAUSE/RESUME for ids not open are not counted in frames_dropped_total"
-        "{reason=\"unknown_id\"} although core/metrics.h says they are (core/mux.c on_frame "
-        "returns without counting; only DATA is counted)",
-}
+EXPECTED_BUGS = {}
 
 LEGIT = "legit.adv.example"
 LEGIT2 = "legit2.adv.example"

@@ -255,6 +255,7 @@ static const char client_text[] =
     "# TYPE snitun_frames_dropped_total counter\n"
     "snitun_frames_dropped_total{reason=\"unknown_id\"} 0\n"
     "snitun_frames_dropped_total{reason=\"bad_new\"} 3\n"
+    "snitun_frames_dropped_total{reason=\"late\"} 5\n"
     "# HELP snitun_limit_rejects_total Connections or channels refused by a configured limit.\n"
     "# TYPE snitun_limit_rejects_total counter\n"
     "snitun_limit_rejects_total{limit=\"connections\"} 0\n"
@@ -308,6 +309,7 @@ Test(metrics, render_client_exact, .init = setup_client, .fini = teardown)
     metrics_inc_reason(m, 1, METRIC_CHANNEL_CLOSES, "bogus", 1);
     metrics_inc_reason(m, 1, METRIC_TUNNEL_CLOSES, "eof", 1);
     metrics_inc_label(m, 1, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW, 3);
+    metrics_inc_label(m, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE, 5);
     metrics_gauge_set(m, 0, METRIC_ENGINE_INFO, METRICS_ENGINE_EPOLL, 1);
     metrics_gauge_set(m, 0, METRIC_SHARDS, 0, 2);
     metrics_inc_reason(m, 1, METRIC_ADMIN_DROPS, "deadline", 7);

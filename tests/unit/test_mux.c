@@ -918,7 +918,7 @@ MUX_TEST(pending_peek_then_attach)
     fx_end(&f);
 }
 
-static void bulk(enum eng_kind kind, enum tc_kind ck, unsigned version)
+static void bulk(enum eng_kind kind, enum tc_kind ck, unsigned version, enum mux_splice spl)
 {
     const uint64_t total = 64ull << 20;
     struct net_addr caller = ip4(192, 0, 2, 1, 0);
@@ -929,6 +929,7 @@ static void bulk(enum eng_kind kind, enum tc_kind ck, unsigned version)
     int j;
 
     fx_init(&f, kind, version);
+    f.gcfg.splice = f.ccfg.splice = spl;
     fx_start(&f, ck, true);
     gw_open(&f, &caller, NULL, 0);
     wait_new(&f, 1);
@@ -950,13 +951,20 @@ static void bulk(enum eng_kind kind, enum tc_kind ck, unsigned version)
     cr_assert(csum_eq(&sup->sum, &up->sum), "checksum mismatch");
     cr_assert_eq(st(&f.g)->bytes_from_local, total);
     cr_assert_eq(st(&f.c)->bytes_to_local, total);
+    if (spl == MUX_SPLICE_ON)
+        cr_assert_gt(eng_stats(f.e)->splices, 0);
+    if (spl == MUX_SPLICE_OFF)
+        cr_assert_eq(eng_stats(f.e)->splices, 0);
+    cr_assert_eq(eng_stats(f.e)->pbuf_lent, 0);
     fprintf(stderr,
-            "mux bulk engine=%s cipher=%s v%u: device->endpoint %.0f MiB/s, "
-            "endpoint->device %.0f MiB/s (64 MiB each way at once; %.1f frames/batch)\n",
-            eng_name(f.e), tc_kind_name(ck), version,
+            "mux bulk engine=%s cipher=%s v%u splice=%s: device->endpoint %.0f MiB/s, "
+            "endpoint->device %.0f MiB/s (64 MiB each way at once; %.1f frames/batch, "
+            "%llu splices)\n",
+            eng_name(f.e), tc_kind_name(ck), version, mux_splice_name(spl),
             64.0 * 1000.0 / (double)(sdown->done_ms - t0 + 1),
             64.0 * 1000.0 / (double)(sup->done_ms - t0 + 1),
-            (double)st(&f.g)->batch_frames / (double)(st(&f.g)->batches + 1));
+            (double)st(&f.g)->batch_frames / (double)(st(&f.g)->batches + 1),
+            (unsigned long long)eng_stats(f.e)->splices);
     fx_end(&f);
     free(up);
     free(down);
@@ -967,8 +975,17 @@ static void bulk(enum eng_kind kind, enum tc_kind ck, unsigned version)
 MUX_TEST(bulk_64mib)
 {
     pat_init();
-    bulk(kind, TC_AES_CBC, 2);
-    bulk(kind, TC_AES_GCM, 2);
+    bulk(kind, TC_AES_CBC, 2, MUX_SPLICE_AUTO);
+    bulk(kind, TC_AES_GCM, 2, MUX_SPLICE_AUTO);
+}
+
+/* The splice path both ways (and its absence), with the same checks. */
+MUX_TEST(bulk_splice_on_off)
+{
+    pat_init();
+    bulk(kind, TC_AES_GCM, 2, MUX_SPLICE_ON);
+    bulk(kind, TC_AES_CBC, 1, MUX_SPLICE_ON);
+    bulk(kind, TC_AES_CBC, 2, MUX_SPLICE_OFF);
 }
 
 MUX_TEST(many_channels)
@@ -1024,6 +1041,106 @@ MUX_TEST(many_channels)
     cr_assert_eq(mux_channels(f.g.m), 0);
     cr_assert_eq(mux_channels(f.c.m), 0);
     fx_end(&f);
+}
+
+/* Channel traffic both ways on n channels, then every device half-closes
+ * and both sides see every channel close. */
+static void exchange(struct fx *f, int n)
+{
+    char msg[32], buf[32];
+    int i;
+
+    for (i = 0; i < n; i++) {
+        struct net_addr caller = ip4(10, 2, 0, (uint8_t)i, 0);
+
+        snprintf(msg, sizeof(msg), "hi-%03d", i);
+        gw_open(f, &caller, msg, strlen(msg));
+    }
+    wait_new(f, n);
+    for (i = 0; i < n; i++) {
+        int j = cl_of(f, i);
+
+        snprintf(msg, sizeof(msg), "hi-%03d", i);
+        read_exact(f, f->c.endfd[j], buf, strlen(msg), 3000);
+        cr_assert_eq(memcmp(buf, msg, strlen(msg)), 0);
+        snprintf(msg, sizeof(msg), "back-%03d", i);
+        write_all(f, f->c.endfd[j], msg, strlen(msg));
+    }
+    for (i = 0; i < n; i++) {
+        snprintf(msg, sizeof(msg), "back-%03d", i);
+        read_exact(f, f->devfd[i], buf, strlen(msg), 3000);
+        cr_assert_eq(memcmp(buf, msg, strlen(msg)), 0);
+    }
+}
+
+/* mux_cfg.batch = false (the ablation knob): one frame per send, and the
+ * relay still works; the same exchange batched shares sends. */
+MUX_TEST(unbatched_one_frame_per_send)
+{
+    struct fx f;
+
+    fx_init(&f, kind, 2);
+    f.gcfg.batch = f.ccfg.batch = false;
+    fx_start(&f, TC_AES_GCM, false);
+    mux_ping(f.c.m);
+    exchange(&f, 50);
+    cr_assert(wait_count(&f, &f.c.pongs, 1, 3000));
+    cr_assert_geq(st(&f.g)->batches, 50 * 2 + 1);
+    cr_assert_eq(st(&f.g)->batch_frames, st(&f.g)->batches);
+    cr_assert_eq(st(&f.c)->batch_frames, st(&f.c)->batches);
+    fx_end(&f);
+
+    fx_init(&f, kind, 2);
+    fx_start(&f, TC_AES_GCM, false);
+    exchange(&f, 50);
+    cr_assert_gt(st(&f.g)->batch_frames, 2 * st(&f.g)->batches);
+    fx_end(&f);
+}
+
+/* Engine-picked buffers go back once the data is forwarded: an idle pair
+ * of muxes with open channels holds none (io_uring: not even a ring
+ * buffer for the recvs waiting on every socket). */
+MUX_TEST(idle_holds_no_buffers)
+{
+    struct fx f;
+    const struct eng_stats *es;
+
+    fx_init(&f, kind, 2);
+    fx_start(&f, TC_AES_CBC, false);
+    es = eng_stats(f.e);
+    exchange(&f, 20);
+    run_for(&f, 50);
+    cr_assert_gt(es->pbuf_ring + es->pbuf_heap, 0);
+    cr_assert_eq(es->pbuf_lent, 0, "%llu buffers still held",
+                 (unsigned long long)es->pbuf_lent);
+    cr_assert_eq(mux_channels(f.g.m), 20);
+    fx_end(&f);
+}
+
+/* First bytes above the largest engine buffer travel in a buffer of their
+ * own, as one DATA frame. */
+MUX_TEST(first_bytes_above_engine_buffer)
+{
+    struct fx f;
+    struct net_addr caller = ip4(10, 0, 0, 3, 0);
+    size_t n = ENG_PBUF_BIG + 4321;
+    uint8_t *first = malloc(n), *got = malloc(n);
+    int j;
+
+    cr_assert(first && got);
+    fx_init(&f, kind, 2);
+    fx_start(&f, TC_AES_GCM, false);
+    pat_fill(first, 11, 0, n);
+    gw_open(&f, &caller, first, n);
+    wait_new(&f, 1);
+    j = cl_of(&f, 0);
+    read_exact(&f, f.c.endfd[j], got, n, 5000);
+    cr_assert_eq(memcmp(got, first, n), 0);
+    cr_assert_eq(st(&f.g)->frames_out[1], 1);
+    cr_assert_eq(eng_stats(f.e)->pbuf_lent, 0);
+    fx_end(&f);
+    free(first);
+    free(got);
 }
 
 /* ---- tests: closing ------------------------------------------------------ */
@@ -1297,7 +1414,7 @@ MUX_TEST(v0_queue_limit_closes)
 
 /* One channel's endpoint never reads; another channel's 8 MiB transfer in
  * both directions still completes (5.2: never stall other channels). */
-static void isolation_case(enum eng_kind kind, unsigned version)
+static void isolation_case(enum eng_kind kind, unsigned version, enum mux_splice spl)
 {
     const uint64_t total = 8u << 20;
     struct net_addr caller = ip4(192, 0, 2, 11, 0);
@@ -1307,6 +1424,7 @@ static void isolation_case(enum eng_kind kind, unsigned version)
     int ja, jb;
 
     fx_init(&f, kind, version);
+    f.gcfg.splice = f.ccfg.splice = spl;
     fx_start(&f, TC_AES_GCM, false);
     gw_open(&f, &caller, NULL, 0);
     gw_open(&f, &caller, NULL, 0);
@@ -1343,8 +1461,60 @@ static void isolation_case(enum eng_kind kind, unsigned version)
 MUX_TEST(stalled_channel_isolated)
 {
     pat_init();
-    isolation_case(kind, 2);
-    isolation_case(kind, 0);
+    isolation_case(kind, 2, MUX_SPLICE_AUTO);
+    isolation_case(kind, 0, MUX_SPLICE_AUTO);
+}
+
+/* A channel opened after another one's reader stalled (the tunnel may be
+ * waiting to splice into that reader) still opens and relays within the
+ * tick bound. */
+static void late_open_case(enum eng_kind kind, enum mux_splice spl, bool tcp)
+{
+    struct net_addr caller = ip4(192, 0, 2, 12, 0);
+    struct pump *pa;
+    struct sink *sa;
+    struct fx f;
+    char buf[8];
+    int ja, jb;
+
+    fx_init(&f, kind, 2);
+    f.gcfg.splice = f.ccfg.splice = spl;
+    fx_start(&f, TC_AES_CBC, tcp);
+    gw_open(&f, &caller, NULL, 0);
+    wait_new(&f, 1);
+    ja = cl_of(&f, 0);
+    sa = sink_start(&f, f.c.endfd[ja], 60, 64u << 20, true);
+    pa = pump_start(&f, f.devfd[0], 60, 64u << 20);
+    run_for(&f, 500);
+    gw_open(&f, &caller, "hello", 5);
+    wait_new(&f, 2);
+    jb = cl_of(&f, 1);
+    read_exact(&f, f.c.endfd[jb], buf, 5, 6000);
+    cr_assert_eq(memcmp(buf, "hello", 5), 0);
+    write_all(&f, f.c.endfd[jb], "back", 4);
+    read_exact(&f, f.devfd[1], buf, 4, 6000);
+    cr_assert_eq(memcmp(buf, "back", 4), 0);
+    cr_assert_eq(sa->got, 0);
+    fx_end(&f);
+    free(pa);
+    free(sa);
+}
+
+MUX_TEST(late_open_beside_stalled_reader)
+{
+    pat_init();
+    late_open_case(kind, MUX_SPLICE_OFF, true);
+    late_open_case(kind, MUX_SPLICE_AUTO, true);
+    late_open_case(kind, MUX_SPLICE_ON, true);
+}
+
+/* With every payload spliced, a stalled reader still holds up nobody: the
+ * splice that cannot finish moves the rest to that channel's queue. */
+MUX_TEST(stalled_channel_isolated_splice)
+{
+    pat_init();
+    isolation_case(kind, 2, MUX_SPLICE_ON);
+    isolation_case(kind, 1, MUX_SPLICE_ON);
 }
 
 /* ---- tests: ping, idle --------------------------------------------------- */
@@ -1654,8 +1824,43 @@ MUX_TEST(unknown_id_dropped)
     wait_new(&f, 1);
     read_exact(&f, f.c.endfd[0], buf, 2, 3000);
     cr_assert_eq(memcmp(buf, "ok", 2), 0);
-    cr_assert_eq(st(&f.c)->dropped_unknown_id, 1);
+    cr_assert_eq(st(&f.c)->dropped_unknown_id, 4); /* DATA, CLOSE, PAUSE, RESUME */
     cr_assert_eq(st(&f.c)->frames_out[2], 0);
+    cr_assert(!f.c.dead);
+    fx_end(&f);
+    raw_free(&r);
+}
+
+/* The endpoint closes a channel; frames the peer had sent for it before
+ * it saw our CLOSE count as late, not as unknown ids. */
+MUX_TEST(late_frames_counted_apart)
+{
+    struct net_addr caller = ip4(192, 0, 2, 24, 0);
+    struct frame_ev ev;
+    struct raw r;
+    struct fx f;
+    char buf[2];
+
+    fx_init(&f, kind, 1);
+    f.ccfg.ping_ms = 0;
+    fx_start_raw(&f, &r, TC_AES_GCM, TC_SIDE_CLIENT, 1);
+    cr_assert_eq(frame_batch_new(r.b, id_a, &caller), 0);
+    cr_assert_eq(frame_batch_data(r.b, id_a, "ok", 2), 0);
+    raw_flush(&f, &r);
+    wait_new(&f, 1);
+    read_exact(&f, f.c.endfd[0], buf, 2, 3000);
+    shutdown(f.c.endfd[0], SHUT_WR); /* local EOF: the mux sends CLOSE */
+    cr_assert(raw_next(&f, &r, &ev, 3000));
+    cr_assert_eq(ev.flow, FRAME_CLOSE);
+    cr_assert_eq(memcmp(ev.id, id_a, 16), 0);
+    cr_assert_eq(frame_batch_data(r.b, id_a, "late", 4), 0);
+    cr_assert_eq(frame_batch_pause(r.b, id_a), 0);
+    cr_assert_eq(frame_batch_data(r.b, id_b, "never", 5), 0);
+    cr_assert_eq(frame_batch_ping(r.b, id_p, false), 0);
+    raw_flush(&f, &r);
+    expect_pong(&f, &r, id_p);
+    cr_assert_eq(st(&f.c)->dropped_late, 2);
+    cr_assert_eq(st(&f.c)->dropped_unknown_id, 1);
     cr_assert(!f.c.dead);
     fx_end(&f);
     raw_free(&r);

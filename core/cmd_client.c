@@ -67,6 +67,13 @@ static const struct opt_spec client_specs[] = {
       "ping the gateway this often (below its 90 s idle timer)", "50", 1, 89 },
     { "pong-timeout", "SNITUN_CLIENT_PONG_TIMEOUT", OPT_INT, "SECONDS",
       "close the tunnel when a ping gets no reply in time", "90", 1, 3600 },
+    { "splice", "SNITUN_CLIENT_SPLICE", OPT_STR, "auto|on|off",
+      "move large DATA payloads socket -> pipe -> socket with splice(2): auto = from 64 KiB "
+      "incoming, 256 KiB outgoing (measured, see core/mux.h); on = always; off = copy",
+      "auto", 0, 0 },
+    { "batch", "SNITUN_CLIENT_BATCH", OPT_STR, "on|off",
+      "seal every frame header of a loop turn in one cipher call and write them with one "
+      "writev (off: one frame per send; a benchmark knob)", "on", 0, 0 },
     { "io", "SNITUN_IO", OPT_STR, "auto|uring|epoll",
       "I/O engine; the client runs one engine on one thread", "auto", 0, 0 },
     { "admin-listen", "SNITUN_CLIENT_ADMIN_LISTEN", OPT_STR, "ADDR:PORT",
@@ -187,6 +194,7 @@ static int acl_from(const struct opt_res *res, struct acl *acl, bool *have)
 static int misc_from(const struct opt_res *res, struct client_cfg *cfg)
 {
     const char *io = opt_str(res, "io"), *pp = opt_str(res, "endpoint-proxy-protocol");
+    bool on;
 
     if (!strcmp(io, "auto"))
         cfg->io = ENG_AUTO;
@@ -211,6 +219,11 @@ static int misc_from(const struct opt_res *res, struct client_cfg *cfg)
     if (cfg->backoff_min_ms > cfg->backoff_max_ms)
         return usage_err("--backoff-min (%lld) must not exceed --backoff-max (%lld)",
                          opt_int(res, "backoff-min"), opt_int(res, "backoff-max"));
+    if (mux_splice_parse(opt_str(res, "splice"), &cfg->splice) != 0)
+        return usage_err("--splice must be auto, on or off, got '%s'", opt_str(res, "splice"));
+    if (opt_parse_bool(opt_str(res, "batch"), &on) != 0)
+        return usage_err("--batch must be on or off, got '%s'", opt_str(res, "batch"));
+    cfg->no_batch = !on;
     cfg->ping_ms = (uint32_t)opt_int(res, "ping-interval") * 1000;
     cfg->pong_ms = (uint32_t)opt_int(res, "pong-timeout") * 1000;
     if (given(res, "in-low") && !given(res, "in-high"))

@@ -59,6 +59,13 @@ static const struct opt_spec server_specs[] = {
     { "max-frame", "SNITUN_MAX_FRAME", OPT_INT, "BYTES",
       "largest frame SIZE accepted from a client (at least 16 MiB)", "16777216", FRAME_MAX_DATA,
       4294967295LL },
+    { "splice", "SNITUN_SPLICE", OPT_STR, "auto|on|off",
+      "move large DATA payloads socket -> pipe -> socket with splice(2): auto = from 64 KiB "
+      "incoming, 256 KiB outgoing (measured, see core/mux.h); on = always; off = copy",
+      "auto", 0, 0 },
+    { "batch", "SNITUN_BATCH", OPT_STR, "on|off",
+      "seal every frame header of a loop turn in one cipher call and write them with one "
+      "writev (off: one frame per send; a benchmark knob)", "on", 0, 0 },
     { "handshake-timeout", "SNITUN_HANDSHAKE_TIMEOUT", OPT_INT, "SECONDS",
       "accept until the ClientHello or token is complete (PROXY header included)", "10", 1, 60 },
     { "challenge-timeout", "SNITUN_CHALLENGE_TIMEOUT", OPT_INT, "SECONDS",
@@ -188,6 +195,7 @@ static int build_cfg(const struct opt_res *res, struct gw_cfg *cfg, struct gw_li
 {
     const char *prog = res->cmd->prog;
     size_t n1, n2, n3, n = 0;
+    bool on;
     static const struct gw_listen fallback = { .kind = GW_L_SINGLE };
 
     gw_cfg_defaults(cfg);
@@ -223,6 +231,17 @@ static int build_cfg(const struct opt_res *res, struct gw_cfg *cfg, struct gw_li
     cfg->max_handshakes_per_ip = (uint32_t)opt_int(res, "max-handshakes-per-ip");
     cfg->max_channels = (uint32_t)opt_int(res, "max-channels");
     cfg->max_frame = (uint32_t)opt_int(res, "max-frame");
+    if (mux_splice_parse(opt_str(res, "splice"), &cfg->splice) != 0) {
+        fprintf(stderr, "%s: --splice must be auto, on or off, got '%s'\n", prog,
+                opt_str(res, "splice"));
+        return 2;
+    }
+    if (opt_parse_bool(opt_str(res, "batch"), &on) != 0) {
+        fprintf(stderr, "%s: --batch must be on or off, got '%s'\n", prog,
+                opt_str(res, "batch"));
+        return 2;
+    }
+    cfg->no_batch = !on;
     cfg->handshake_ms = (uint32_t)opt_int(res, "handshake-timeout") * 1000u;
     cfg->challenge_ms = (uint32_t)opt_int(res, "challenge-timeout") * 1000u;
     cfg->tunnel_idle_ms = (uint32_t)opt_int(res, "tunnel-idle-timeout") * 1000u;

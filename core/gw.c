@@ -926,7 +926,9 @@ static void log_start(struct gw *g)
             "max_handshakes_per_ip", LOG_U64(cfg->max_handshakes_per_ip),
             "max_channels", LOG_U64(cfg->max_channels), "max_frame", LOG_U64(cfg->max_frame),
             "backlog", LOG_U64(cfg->backlog), "cpu_affinity", cfg->cpu_affinity ? "on" : "off",
-            "log_rate", LOG_U64(cfg->log_rate), NULL);
+            "log_rate", LOG_U64(cfg->log_rate),
+            "splice", mux_splice_name(cfg->splice != 0 ? cfg->splice : MUX_SPLICE_AUTO),
+            "batch", cfg->no_batch ? "off" : "on", NULL);
     free(listen);
 }
 

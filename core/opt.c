@@ -56,7 +56,7 @@ static int parse_int(const char *text, long long *out)
     return errno != 0 || end == text || *end != '\0' ? -1 : 0;
 }
 
-static int parse_bool(const char *text, bool *out)
+int opt_parse_bool(const char *text, bool *out)
 {
     static const char *const yes[] = { "1", "true", "yes", "on" };
     static const char *const no[] = { "0", "false", "no", "off" };
@@ -102,7 +102,7 @@ static int set_value(struct opt_res *res, size_t i, const char *text, const char
         int_rule(s, rule, sizeof(rule));
         return fail(res, "%s must be %s, got '%s'", label, rule, text);
     case OPT_FLAG:
-        if (parse_bool(text, &v->on) == 0)
+        if (opt_parse_bool(text, &v->on) == 0)
             return 0;
         return fail(res, "%s must be true or false (1/0, yes/no, on/off), got '%s'",
                     label, text);

@@ -120,6 +120,10 @@ const char *opt_env_name(const struct opt_spec *s, char *buf, size_t len);
 /* The --help text. */
 void opt_help(const struct opt_cmd *cmd, FILE *out);
 
+/* "on"/"off", "true"/"false", "yes"/"no", "1"/"0" (any case) -> *out;
+ * -1 for anything else. For options that take on|off as a value. */
+int opt_parse_bool(const char *text, bool *out);
+
 /* Lookups by long name; the name must be in the table (asserted). */
 const struct opt_val *opt_get(const struct opt_res *res, const char *name);
 const char *opt_str(const struct opt_res *res, const char *name);

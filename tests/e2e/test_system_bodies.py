@@ -9,7 +9,9 @@ device (curl / Python ssl) --TLS--> snitun server ==tunnel== snitun client
 * single-port and dual-port gateway layouts, with IPv4 (127.0.0.1) and
   IPv6 ([::1]) devices (1 B, 64 KiB; 64 MiB over IPv6 in single-port mode),
   the tunnel itself over IPv4 (dual) or IPv6 (single);
-* the client on another engine than the gateway.
+* the client on another engine than the gateway;
+* --splice on and off on both ends (auto is the default everywhere else):
+  small and 64 MiB bodies intact whichever path moves the payloads.
 
 Every scenario runs with --io uring and --io epoll on the gateway and the
 client; the processes' logs must hold no sanitizer report.
@@ -104,6 +106,24 @@ def modes(mode):
     return run
 
 
+def splice(mode):
+    def run(io):
+        host = sl.name("spl-%s-%s" % (mode, io))
+        with sl.Group() as g:
+            gw = g.add(sl.Gateway(io, extra=["--splice", mode]))
+            cl = g.add(sl.Client(io, gw.server, NGINX.addr(), sl.token_file(TMP, host),
+                                 extra=["--splice", mode]))
+            cl.wait_connected()
+            start = [l for l in gw.text().splitlines() if "gateway started" in l]
+            assert len(start) == 1 and " splice=%s " % mode in start[0], start
+            for path in SMALL + [BIGP]:
+                get_curl(host, gw.sni_port, path)
+            get_py(host, gw.sni_port, BIGP)
+            assert gw.wait_metric("snitun_channels_open", lambda v: v == 0) == 0
+            assert cl.disconnected_count() == 0, "tunnel dropped during the transfers"
+    return run
+
+
 def mixed(gw_io, cl_io):
     def run():
         host = sl.name("mix-%s-%s" % (gw_io, cl_io))
@@ -131,6 +151,8 @@ def main():
                       bodies(version, cipher, big), io)
             for mode in ("dual", "single"):
                 r.run("%s-port gateway, IPv4 and IPv6 devices [%s]" % (mode, io), modes(mode), io)
+            for mode in ("on", "off"):
+                r.run("--splice %s on both ends, 64 MiB [%s]" % (mode, io), splice(mode), io)
         if "uring" in engines and "epoll" in engines:
             r.run("gateway uring, client epoll", mixed("uring", "epoll"))
             r.run("gateway epoll, client uring", mixed("epoll", "uring"))

@@ -582,15 +582,20 @@ class Bench:
         return None, None
 
     def onoff_variants(self, pattern):
+        """(flag, [(name, gateway args, client args)...]): on, off, then any
+        other value the metavar lists (e.g. auto). The client gets the same
+        flag when its --help has it (both ends run the multiplexer)."""
         flag, meta = self.flag_line(self.server_help, pattern)
         if flag is None:
             return None, None
+        both = flag in (self.client_help or "")
         if meta is None:
-            return flag, [("on", [flag]), ("off", [])]
+            return flag, [("on", [flag], [flag] if both else []), ("off", [], [])]
         vals = meta.split("|") if "|" in meta else ["on", "off"]
         on = next((v for v in vals if v in ("on", "yes", "true", "1", "always")), vals[0])
         off = next((v for v in vals if v in ("off", "no", "false", "0", "never")), vals[-1])
-        return flag, [(on, [flag, on]), (off, [flag, off])]
+        rest = [v for v in vals if v not in (on, off)]
+        return flag, [(v, [flag, v], [flag, v] if both else []) for v in [on, off] + rest]
 
     def ablation_probe(self, gw_extra, client_extra):
         self.svc.start_snitun(gw_extra, client_extra)
@@ -638,11 +643,19 @@ class Bench:
                 self.save()
         for name in sc["rounds"]:
             sc["median"][name] = median_tree(sc["rounds"][name])
-        a, b = variants[0][0], variants[1][0]
-        ma, mb = sc["median"].get(a), sc["median"].get(b)
-        if ma and mb:
-            sc["ratios"][f"{a}/{b}"] = {k: ratio(ma.get(k), mb.get(k))
-                                        for k in ("https_rps", "https_p99_ms", "raw_gib_per_s")}
+        # every variant against the second one (on/off, auto/off; uring/epoll)
+        b = variants[1][0]
+        mb = sc["median"].get(b)
+        for a in [v[0] for v in variants if v[0] != b]:
+            ma = sc["median"].get(a)
+            if not (ma and mb):
+                continue
+            r = {k: ratio(ma.get(k), mb.get(k))
+                 for k in ("https_rps", "https_p99_ms", "raw_gib_per_s")}
+            for side in ("gateway", "client"):
+                r[f"raw_cpu_{side}"] = ratio((ma.get("raw_cpu_per_gib") or {}).get(side),
+                                             (mb.get("raw_cpu_per_gib") or {}).get(side))
+            sc["ratios"][f"{a}/{b}"] = r
         self.save()
 
     def sc_ablation(self):
@@ -658,15 +671,13 @@ class Bench:
         self.ablation("ablation_threads", "Gateway shards: --threads 1 vs --threads 2",
                       [("1", ["--threads", "1"], []), ("2", ["--threads", "2"], [])])
         flag, v = self.onoff_variants(r"splice")
-        self.ablation("ablation_splice", "splice on vs off",
-                      [(n, g, []) for n, g in v] if v else None,
-                      note=f"flag {flag}" if flag else "n/a: `snitun server --help` has no "
-                      "splice flag")
+        self.ablation("ablation_splice", "splice on vs off (vs auto)", v,
+                      note=f"flag {flag}, gateway and client" if flag else
+                      "n/a: `snitun server --help` has no splice flag")
         flag, v = self.onoff_variants(r"batch")
-        self.ablation("ablation_batch", "header batching on vs off",
-                      [(n, g, []) for n, g in v] if v else None,
-                      note=f"flag {flag}" if flag else "n/a: `snitun server --help` has no "
-                      "header-batching flag")
+        self.ablation("ablation_batch", "header batching on vs off", v,
+                      note=f"flag {flag}, gateway and client" if flag else
+                      "n/a: `snitun server --help` has no header-batching flag")
         self.svc.stop_snitun()
         self.svc.gw_args = self.svc.client_args = []
 

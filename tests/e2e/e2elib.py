@@ -51,9 +51,15 @@ def load_json(*parts):
 
 # ---- ports and processes -------------------------------------------------
 
+_PORTS_GIVEN = set()
+
+
 def free_port(family=socket.AF_INET):
-    """A TCP port free on both 127.0.0.1 and ::1 right now."""
-    for _ in range(50):
+    """A TCP port free on both 127.0.0.1 and ::1 right now, and never handed
+    out before in this process: the kernel may offer a just-released port
+    again, and two listeners configured on one port (nginx merges them into
+    one, the first server block answering both) make tests misroute."""
+    for _ in range(200):
         s = socket.socket(family, socket.SOCK_STREAM)
         s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,6 +73,9 @@ def free_port(family=socket.AF_INET):
             s4.close()
         except OSError:
             continue
+        if port in _PORTS_GIVEN:
+            continue
+        _PORTS_GIVEN.add(port)
         return port
     raise RuntimeError("no free port")
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# snitun-test: cpu-heavy (moves real load: runs alone under ctest -j)
 """Hostile input to `snitun server` while real traffic flows (both engines).
 
 Scenario "hostile cases": gateway G1 (single port + SNI port + peer port,

@@ -1,3 +1,4 @@
+# snitun-test: cpu-heavy (moves real load: runs alone under ctest -j)
 """tests/e2e/test_client_channels.py - `snitun client` channels against
 protogw.py (PROTOCOL.md 4, 5.2, 6.2-6.4, 8.1, 8.2).
 

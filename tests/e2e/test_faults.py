@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# snitun-test: cpu-heavy (moves real load: runs alone under ctest -j)
 """Faults around a working tunnel (both engines): real `snitun server`,
 real `snitun client`, nginx as the endpoint, curl / sockets as devices.
 

@@ -1,3 +1,4 @@
+# snitun-test: cpu-heavy (moves real load: runs alone under ctest -j)
 """tests/e2e/test_system_bodies.py - whole system, bodies and listener modes.
 
 device (curl / Python ssl) --TLS--> snitun server ==tunnel== snitun client

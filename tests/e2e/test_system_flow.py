@@ -1,3 +1,4 @@
+# snitun-test: cpu-heavy (moves real load: runs alone under ctest -j)
 """tests/e2e/test_system_flow.py - whole system, flow control and resources
 (real `snitun server`, `snitun client`, nginx, TLS devices):
 

@@ -267,7 +267,11 @@ def endpoint_rst(io, sh):
                 gw, "snitun_channel_closes_total", 'reason="remote_close"') < before + n:
             time.sleep(0.1)
         got = gw_series(gw, "snitun_channel_closes_total", 'reason="remote_close"') - before
-        check(got == n, "gateway channel_closes_total{remote_close} +%d, want %d" % (got, n))
+        # n resets, plus maybe the download beside them: whether nginx or
+        # curl closes that one first is a race, so it ends as remote_close
+        # or local_eof.
+        check(n <= got <= n + 1, "gateway channel_closes_total{remote_close} +%d, want %d" %
+              (got, n))
         cm = cl.metrics()
         lerr = cm.get('snitun_channel_closes_total{reason="local_error"}', 0)
         leof = cm.get('snitun_channel_closes_total{reason="local_eof"}', 0)

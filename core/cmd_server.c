@@ -59,6 +59,13 @@ static const struct opt_spec server_specs[] = {
     { "max-frame", "SNITUN_MAX_FRAME", OPT_INT, "BYTES",
       "largest frame SIZE accepted from a client (at least 16 MiB)", "16777216", FRAME_MAX_DATA,
       4294967295LL },
+    { "max-channel-queue", "SNITUN_MAX_CHANNEL_QUEUE", OPT_INT, "BYTES",
+      "bytes from a client queued for one slow device before that channel is closed; "
+      "0 = PROTOCOL.md 5.2 values (64 MiB on protocol >= 1, 256 MiB on 0)", "0", 0,
+      1LL << 40 },
+    { "max-tunnel-queue", "SNITUN_MAX_TUNNEL_QUEUE", OPT_INT, "BYTES",
+      "bytes queued for all devices of one tunnel; above it the channel holding the most is "
+      "closed; 0 = no cap", "268435456", 0, 1LL << 40 },
     { "splice", "SNITUN_SPLICE", OPT_STR, "auto|on|off",
       "move large DATA payloads socket -> pipe -> socket with splice(2): auto = from 64 KiB "
       "incoming, 256 KiB outgoing (measured, see core/mux.h); on = always; off = copy",
@@ -231,6 +238,14 @@ static int build_cfg(const struct opt_res *res, struct gw_cfg *cfg, struct gw_li
     cfg->max_handshakes_per_ip = (uint32_t)opt_int(res, "max-handshakes-per-ip");
     cfg->max_channels = (uint32_t)opt_int(res, "max-channels");
     cfg->max_frame = (uint32_t)opt_int(res, "max-frame");
+    cfg->chan_queue = (size_t)opt_int(res, "max-channel-queue");
+    cfg->tunnel_queue = (size_t)opt_int(res, "max-tunnel-queue");
+    if ((cfg->chan_queue != 0 && cfg->chan_queue < GW_QUEUE_MIN) ||
+        (cfg->tunnel_queue != 0 && cfg->tunnel_queue < GW_QUEUE_MIN)) {
+        fprintf(stderr, "%s: --max-channel-queue and --max-tunnel-queue must be 0 or at "
+                "least %u bytes (twice the PAUSE watermark)\n", prog, GW_QUEUE_MIN);
+        return 2;
+    }
     if (mux_splice_parse(opt_str(res, "splice"), &cfg->splice) != 0) {
         fprintf(stderr, "%s: --splice must be auto, on or off, got '%s'\n", prog,
                 opt_str(res, "splice"));

@@ -71,6 +71,10 @@ struct gw_listen {
 
 /* Everything the gateway needs. Pointers are borrowed for the whole life
  * of the struct gw made from it. */
+/* Smallest non-zero queue cap: twice the mux's PAUSE watermark, so that a
+ * channel that honours PAUSE is never closed for its queue. */
+#define GW_QUEUE_MIN (4u << 20)
+
 struct gw_cfg {
     const struct gw_listen *listen;
     size_t nlisten;
@@ -83,6 +87,8 @@ struct gw_cfg {
     uint32_t max_handshakes_per_ip; /* per shard and source IP; 0 = off */
     uint32_t max_channels;      /* per tunnel; 0 = unlimited */
     uint32_t max_frame;         /* cap on a received frame's SIZE */
+    size_t chan_queue;          /* incoming cap per channel; 0: PROTOCOL.md 5.2 */
+    size_t tunnel_queue;        /* incoming cap per tunnel; 0: none */
     enum mux_splice splice;     /* DATA splice path; 0: mux default (auto) */
     bool no_batch;              /* --batch off: one frame per send */
     uint32_t handshake_ms;      /* accept -> ClientHello or token complete */

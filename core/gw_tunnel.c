@@ -176,6 +176,9 @@ static void tunnel_fold(struct gw_tunnel *t, const struct mux_stats *st)
     if (st->chan_closed[MUX_R_LIMIT] != f->chan_closed[MUX_R_LIMIT]) /* a name lookup */
         metrics_inc_reason(m, sh->idx, METRIC_LIMIT_REJECTS, "channels",
                            st->chan_closed[MUX_R_LIMIT] - f->chan_closed[MUX_R_LIMIT]);
+    if (st->tunnel_overflows != f->tunnel_overflows)
+        metrics_inc_reason(m, sh->idx, METRIC_LIMIT_REJECTS, "tunnel_queue",
+                           st->tunnel_overflows - f->tunnel_overflows);
     metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_UNKNOWN_ID,
                       st->dropped_unknown_id - f->dropped_unknown_id);
     metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
@@ -386,6 +389,9 @@ int gw_tunnel_start(struct gw_conn *c)
     mc.max_channels = cfg->max_channels;
     mc.tunnel_idle_ms = cfg->tunnel_idle_ms;
     mc.chan_idle_ms = cfg->chan_idle_ms;
+    if (cfg->chan_queue != 0)
+        mc.in_limit = cfg->chan_queue;
+    mc.tunnel_in_limit = cfg->tunnel_queue;
     if (cfg->splice != 0)
         mc.splice = cfg->splice;
     mc.batch = !cfg->no_batch;

@@ -159,7 +159,9 @@ enum metrics_engine {            /* METRIC_ENGINE_INFO */
  *     (frames for a channel this side closed just before: the peer sent
  *     them before it saw the CLOSE; their payload is dropped)
  *   limit_rejects_total{limit}: connections, tunnels, channels,
- *     handshakes, fds (EMFILE/ENFILE), other
+ *     handshakes, fds (EMFILE/ENFILE), tunnel_queue (a channel closed
+ *     because its tunnel's queues together passed --max-tunnel-queue),
+ *     other
  *   admin_connections_dropped_total{reason}: limit (refused at accept: the
  *     admin listener's connection limit or its per-IP share), deadline
  *     (still open at its deadline: idle, slow or stuck), other

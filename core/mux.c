@@ -119,6 +119,7 @@ struct mux_chan {
     bool need_new, need_close, on_ready;
     bool peer_paused;         /* PAUSE received */
     bool under_water;         /* incoming above in_high, back at in_low */
+    bool q_doomed;            /* queue dropped once its send returns */
     bool pause_sent;          /* what the peer was last told */
     bool rd_busy, wr_busy;
     bool rd_big;              /* last read filled its buffer: read big */
@@ -174,6 +175,8 @@ struct mux {
     int dec_boundary;         /* frame_dec.state at a frame boundary */
     uint8_t late[MUX_LATE_IDS][FRAME_ID_LEN]; /* ring, see MUX_LATE_IDS */
     uint8_t late_pos, late_n; /* next slot, slots filled */
+    size_t q_doomed;          /* queued bytes of channels whose queue goes
+                                 once their cancelled send returns */
     uint32_t tick_ms;
     bool rd_busy, tx_busy, rx_stalled, closing, dead_done, free_queued;
     bool rx_eng;              /* rx is an engine buffer, else malloc'd */
@@ -287,6 +290,7 @@ void mux_cfg_defaults(struct mux_cfg *cfg, enum tc_side side, unsigned version)
         .in_high = 2u << 20,
         .in_low = 512u << 10,
         .in_limit = version >= 1 ? (size_t)68157440 : (size_t)268435456,
+        .tunnel_in_limit = MUX_TUNNEL_IN_LIMIT,
         .max_channels = 0,
         .tunnel_idle_ms = 120000,
         .chan_idle_ms = gw ? 120000 : 0,
@@ -454,10 +458,30 @@ static bool ctl_full(const struct mux *m)
 /* Drop the queue and the prefix. Only when no local send borrows them. */
 static void queue_free(struct mux_chan *c)
 {
+    if (c->q_doomed) {
+        c->m->q_doomed -= c->q.bytes;
+        c->q_doomed = false;
+    }
     mux_queue_clear(&c->q, &c->m->pool);
     free(c->prefix);
     c->prefix = NULL;
     c->nprefix = 0;
+}
+
+/* Drop the queue of a channel that gives up on its local writes: now, or
+ * when the send borrowing it returns (cancelled here). Until then its
+ * bytes count as doomed, not against tunnel_in_limit. */
+static void queue_drop(struct mux_chan *c)
+{
+    if (!c->wr_busy) {
+        queue_free(c);
+        return;
+    }
+    if (!c->q_doomed) {
+        c->q_doomed = true;
+        c->m->q_doomed += c->q.bytes;
+    }
+    eng_cancel(&c->wr);
 }
 
 /* ---- outgoing scheduling ------------------------------------------------- */
@@ -734,13 +758,10 @@ static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close,
         chan_drop_out(c);
     c->need_close = send_close;
     c->draining = drain && c->fd >= 0 && !m->closing;
-    if (c->draining) {
+    if (c->draining)
         c->last_act = now_ms(m); /* linger_ms counts from here */
-    } else if (c->wr_busy) {
-        eng_cancel(&c->wr);
-    } else {
-        queue_free(c);
-    }
+    else
+        queue_drop(c);
     if (c->need_close)
         ready_add(c);
     chan_check(c);
@@ -996,6 +1017,29 @@ static void drop_unknown(struct mux *m, const uint8_t id[FRAME_ID_LEN])
     m->st.dropped_unknown_id++;
 }
 
+static void biggest_walk(const void *node, VISIT which, void *ctx)
+{
+    struct mux_chan *c = *(struct mux_chan *const *)node, **best = ctx;
+
+    if ((which == postorder || which == leaf) && (*best == NULL || c->q.bytes > (*best)->q.bytes))
+        *best = c;
+}
+
+/* The tunnel's incoming queues together passed tunnel_in_limit: close the
+ * channel holding the most (CLOSE sent, counted as queue_limit). Closing
+ * the biggest, not the one that just received, keeps a slow reader from
+ * getting well-behaved channels of the same tunnel closed. */
+static void tunnel_overflow(struct mux *m)
+{
+    struct mux_chan *best = NULL;
+
+    twalk_r(m->root, biggest_walk, &best);
+    if (best == NULL)
+        return;
+    m->st.tunnel_overflows++;
+    chan_close(best, MUX_R_QUEUE_LIMIT, true, false);
+}
+
 static void on_data(struct mux *m, const struct frame_ev *ev)
 {
     struct mux_chan *c = chan_find(m, ev->id);
@@ -1014,6 +1058,11 @@ static void on_data(struct mux *m, const struct frame_ev *ev)
                                         c->fd < 0 ? ev->size : 0) != 0) {
         chan_close(c, MUX_R_LOCAL_ERROR, true, false);
         return;
+    }
+    if (m->cfg.tunnel_in_limit > 0 && m->pool.bytes - m->q_doomed > m->cfg.tunnel_in_limit) {
+        tunnel_overflow(m);
+        if (c->closing)
+            return;
     }
     chan_water(m, c);
     if (c->fd >= 0)
@@ -1452,10 +1501,7 @@ static void tick_chans(struct mux *m, uint64_t now)
                    now - c->last_act >= m->cfg.linger_ms) {
             /* The local reader stopped reading: give up on the rest. */
             c->draining = false;
-            if (c->wr_busy)
-                eng_cancel(&c->wr);
-            else
-                queue_free(c);
+            queue_drop(c);
             chan_check(c);
         }
     }
@@ -1584,10 +1630,7 @@ void mux_close(struct mux *m, enum mux_reason why)
         chan_drop_out(c);
         if (c->draining) {
             c->draining = false;
-            if (c->wr_busy)
-                eng_cancel(&c->wr);
-            else
-                queue_free(c);
+            queue_drop(c);
         }
         chan_check(c);
     }

@@ -35,7 +35,9 @@
  *   queue at once, so the tunnel is read at full speed whatever any one
  *   local socket does. Protocol >= 1: crossing in_high queues PAUSE, coming
  *   back to in_low queues RESUME; any version: more than in_limit queued
- *   closes that one channel with CLOSE (5.2). PAUSE/RESUME from the peer
+ *   closes that one channel with CLOSE (5.2), and when all the tunnel's
+ *   queues together pass tunnel_in_limit, the channel holding the most is
+ *   closed the same way. PAUSE/RESUME from the peer
  *   stop/restart reading the channel's local socket.
  * - Closing (no half-close, 6.4): local EOF → CLOSE sent after the DATA
  *   already read; what the peer had sent before is still written to the
@@ -171,6 +173,10 @@ enum mux_splice {
 int mux_splice_parse(const char *s, enum mux_splice *out);
 const char *mux_splice_name(enum mux_splice s);
 
+/* Default cap on a tunnel's incoming queues together: one protocol-0
+ * channel's own limit, so a single channel behaves as the reference. */
+#define MUX_TUNNEL_IN_LIMIT ((size_t)256 << 20)
+
 /* Tunables; mux_cfg_defaults() fills PROTOCOL.md 5.2 / 6.9 values. */
 struct mux_cfg {
     enum tc_side side;        /* who we are: sets NEW handling and nonces */
@@ -183,6 +189,9 @@ struct mux_cfg {
                                  this while they come back full) */
     size_t in_high, in_low;   /* incoming watermarks (2 MiB / 512 KiB) */
     size_t in_limit;          /* incoming cap: 65 MiB (v>=1), 256 MiB (v0) */
+    size_t tunnel_in_limit;   /* all channels' incoming queues together;
+                                 above it the channel holding the most is
+                                 closed (MUX_TUNNEL_IN_LIMIT; 0 = none) */
     size_t max_channels;      /* 0 = unlimited */
     uint32_t tunnel_idle_ms;  /* 0 = off; default 120000 */
     uint32_t chan_idle_ms;    /* 0 = off; default 120000 (gateway) */
@@ -212,6 +221,9 @@ struct mux_stats {
     uint64_t chan_opened;
     uint64_t chan_closed[MUX_R_COUNT];
     uint64_t dropped_unknown_id;          /* frames for ids not open */
+    uint64_t tunnel_overflows;            /* channels closed by
+                                             tunnel_in_limit (also counted
+                                             in chan_closed[QUEUE_LIMIT]) */
     uint64_t dropped_late;                /* frames for a channel this side
                                              closed lately (the peer sent
                                              them before it saw our CLOSE) */

@@ -77,6 +77,7 @@ int mux_queue_append(struct mux_queue *q, struct mux_queue_pool *p, const uint8_
         memcpy(k->data + k->tail, data, take);
         k->tail += take;
         q->bytes += take;
+        p->bytes += take;
         data += take;
         len -= take;
     }
@@ -105,6 +106,7 @@ void mux_queue_consume(struct mux_queue *q, struct mux_queue_pool *p, size_t n)
             take = n;
         k->head += take;
         q->bytes -= take;
+        p->bytes -= take;
         n -= take;
         if (k->head == k->tail) {
             q->head = k->next;
@@ -124,6 +126,7 @@ void mux_queue_clear(struct mux_queue *q, struct mux_queue_pool *p)
         chunk_put(p, k);
     }
     q->tail = NULL;
+    p->bytes -= q->bytes;
     q->bytes = 0;
 }
 

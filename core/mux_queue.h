@@ -34,10 +34,12 @@ struct mux_queue {
     size_t bytes;                 /* unwritten bytes in the queue */
 };
 
-/* Spare standard chunks, shared by the channels of one tunnel. */
+/* Spare standard chunks, shared by the channels of one tunnel, and the
+ * unwritten bytes of all the queues that use it (the tunnel's total). */
 struct mux_queue_pool {
     struct mux_chunk *free;
     size_t nfree;
+    size_t bytes;                 /* sum of bytes of every queue on the pool */
     bool used;                    /* a chunk was taken since the last tick */
 };
 

@@ -263,6 +263,7 @@ static const char client_text[] =
     "snitun_limit_rejects_total{limit=\"channels\"} 0\n"
     "snitun_limit_rejects_total{limit=\"handshakes\"} 0\n"
     "snitun_limit_rejects_total{limit=\"fds\"} 0\n"
+    "snitun_limit_rejects_total{limit=\"tunnel_queue\"} 0\n"
     "snitun_limit_rejects_total{limit=\"other\"} 0\n"
     "# HELP snitun_engine_info The I/O engine in use (value 1).\n"
     "# TYPE snitun_engine_info gauge\n"

@@ -1412,6 +1412,48 @@ MUX_TEST(v0_queue_limit_closes)
     free(s);
 }
 
+/* The tunnel's queues together pass tunnel_in_limit: the channel holding
+ * the most (a stalled reader) is closed, a reading channel beside it keeps
+ * going and its bytes arrive intact. */
+MUX_TEST(tunnel_queue_cap_closes_biggest)
+{
+    const uint64_t total = 4u << 20;
+    struct net_addr caller = ip4(192, 0, 2, 12, 0);
+    struct pump *pa, *pb;
+    struct sink *sa, *sb;
+    struct fx f;
+    int ja, jb;
+
+    pat_init();
+    fx_init(&f, kind, 0);
+    f.ccfg.tunnel_in_limit = 4u << 20;
+    fx_start(&f, TC_AES_CBC, false);
+    gw_open(&f, &caller, NULL, 0);
+    gw_open(&f, &caller, NULL, 0);
+    wait_new(&f, 2);
+    ja = cl_of(&f, 0);
+    jb = cl_of(&f, 1);
+    sa = sink_start(&f, f.c.endfd[ja], 60, 32u << 20, true);
+    pa = pump_start(&f, f.devfd[0], 60, 32u << 20);
+    sb = sink_start(&f, f.c.endfd[jb], 61, total, false);
+    pb = pump_start(&f, f.devfd[1], 61, total);
+    cr_assert(wait_count(&f, &f.c.nclosed, 1, 10000));
+    cr_assert_eq(f.c.why[ja], MUX_R_QUEUE_LIMIT);
+    cr_assert(!f.c.closed[jb], "the reading channel was closed");
+    cr_assert(run_until(&f, flag_set, &sb->full, 20000));
+    cr_assert(!sb->bad);
+    cr_assert(csum_eq(&sb->sum, &pb->sum), "checksum mismatch");
+    cr_assert_eq(st(&f.c)->tunnel_overflows, 1);
+    cr_assert_eq(st(&f.c)->chan_closed[MUX_R_QUEUE_LIMIT], 1);
+    cr_assert(wait_count(&f, &f.g.nclosed, 1, 5000));
+    cr_assert_eq(f.g.why[0], MUX_R_PEER_CLOSE);
+    fx_end(&f);
+    free(pa);
+    free(sa);
+    free(pb);
+    free(sb);
+}
+
 /* One channel's endpoint never reads; another channel's 8 MiB transfer in
  * both directions still completes (5.2: never stall other channels). */
 static void isolation_case(enum eng_kind kind, unsigned version, enum mux_splice spl)

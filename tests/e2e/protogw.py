@@ -195,6 +195,9 @@ class Conn:
     def __init__(self, gw, sock):
         self.gw = gw
         self.sock = sock
+        # One frame at a time: a test may push DATA from a thread while the
+        # main thread answers PINGs; interleaved seals break the CBC chain.
+        self.send_lock = threading.Lock()
         self.buf = b""
         self.token = None
         self.claims = None
@@ -283,20 +286,23 @@ class Conn:
 
     def send_frame(self, cid, flow, data=b"", extra=None):
         extra = extra if extra is not None else os.urandom(11)
-        self.send(self._hdr(cid, flow, len(data), extra) + data)
+        with self.send_lock:
+            self.send(self._hdr(cid, flow, len(data), extra) + data)
 
     def send_new(self, cid, caller):
         """NEW for caller (text IPv4/IPv6) as the gateway of self.version
         encodes it (4.5): v2 sealed block, v0/v1 EXTRA (IPv6 -> 0.0.0.0)."""
         fam = socket.AF_INET6 if ":" in caller else socket.AF_INET
         packed = socket.inet_pton(fam, caller)
-        if self.version >= 2:
-            block = (b"6" if fam == socket.AF_INET6 else b"4") + packed
-            block += os.urandom((16 - len(block) % 16) % 16)
-            self.send(self._hdr(cid, NEW, len(block), os.urandom(11)) + self.seal.seal(block))
-        else:
-            ip4 = packed if fam == socket.AF_INET else b"\x00" * 4
-            self.send(self._hdr(cid, NEW, 0, b"4" + ip4 + os.urandom(6)))
+        with self.send_lock:
+            if self.version >= 2:
+                block = (b"6" if fam == socket.AF_INET6 else b"4") + packed
+                block += os.urandom((16 - len(block) % 16) % 16)
+                self.send(self._hdr(cid, NEW, len(block), os.urandom(11)) +
+                          self.seal.seal(block))
+            else:
+                ip4 = packed if fam == socket.AF_INET else b"\x00" * 4
+                self.send(self._hdr(cid, NEW, 0, b"4" + ip4 + os.urandom(6)))
 
     def send_data(self, cid, data, chunk=65536):
         for i in range(0, len(data), chunk):

@@ -533,13 +533,15 @@ static void chan_arm_read(struct mux_chan *c)
     if (c->fd < 0 || c->closing || c->rd_busy || c->peer_paused || m->closing ||
         c->out_n >= MUX_CHAN_OUT || c->out_n > c->out_tx)
         return;
-    if (c->rd_last >= spl_min(m, false) && pipe_get(m, &c->pipe)) {
-        size_t room = (size_t)c->pipe.cap - c->pipe.n;
-
-        if (room == 0)
-            return; /* the batch in flight empties it */
+    /* Splice only into an empty pipe: a pipe holding bytes may be out of
+     * slots (one per socket buffer fragment) long before it is out of
+     * bytes, and splice then fails with EAGAIN although the socket is
+     * readable; parked on a socket whose peer has nothing more to send
+     * (its window is full), the read would never be retried. While the
+     * pipe holds the previous payload, the next read copies. */
+    if (c->rd_last >= spl_min(m, false) && c->pipe.n == 0 && pipe_get(m, &c->pipe)) {
         c->rd_busy = c->rd_spl = true;
-        eng_splice(m->e, &c->rd, c->fd, c->pipe.fd[1], room, ENG_SPLICE_IN);
+        eng_splice(m->e, &c->rd, c->fd, c->pipe.fd[1], c->pipe.cap, ENG_SPLICE_IN);
         return;
     }
     if (c->pipe.n == 0)

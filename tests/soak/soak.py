@@ -39,7 +39,7 @@ tunnel is up and the gateway reports 0 open channels; then fds and RSS are
 read. Pass when: no checksum mismatch, no unexplained channel failure, every
 restart reconnected, no process died unexpectedly, the gateway's and client
 0's fd counts are equal to their warm-up values (after a settle wait), and
-their RSS grew by at most max(5 %, 1 MiB) (a drop is fine).
+their RSS grew by at most max(5 %, 4 MiB) (a drop is fine).
 
 Output: a markdown report (--out, default tests/soak/results/latest.md) and a
 JSON next to it (same name, .json). Exit status 0 on pass, 1 on failure, 2 on
@@ -87,7 +87,11 @@ CHUNK = 256 * KiB
 NO_PROGRESS_S = 30.0               # a channel without progress for this long hangs
 CHANNEL_MAX_S = 180.0              # hard bound for one channel
 EP_WAIT_EOF_S = 60.0               # endpoint: device close expected within
-RSS_REL, RSS_ABS = 0.05, 1 * MiB   # RSS growth rule
+# RSS growth rule: 5 %, or 4 MiB: each engine keeps up to 2 MiB of small
+# and 2 MiB of big spare receive buffers (io/eng.h ENG_PBUF_SPARE_*),
+# resident once a burst first fills them, which may happen after warm-up.
+# Growth beyond that bound would be a leak.
+RSS_REL, RSS_ABS = 0.05, 4 * MiB
 DOMAIN = "soak.test"
 
 
@@ -1016,7 +1020,7 @@ class Soak:
                             "max": max(rec) if rec else None},
             "connected_s": {"median": statistics.median(con) if con else None,
                             "max": max(con) if con else None},
-            "rss_rule": "fds equal; RSS growth <= max(5 %, 1 MiB); judged: gateway, client 0",
+            "rss_rule": "fds equal; RSS growth <= max(5 %, 4 MiB); judged: gateway, client 0",
             "resources": rows, "gateway_peak_rss": gw_peak,
             "baseline": self.base, "end": self.end, "log_warn_error": findings,
             "samples": self.samples,
@@ -1118,7 +1122,7 @@ class Soak:
         L.append("## Resources")
         L.append("")
         L.append("Rule: at the end the fd count must equal the warm-up value (after a settle "
-                 "wait) and RSS may grow by at most max(5 %, 1 MiB) (a drop is fine); judged "
+                 "wait) and RSS may grow by at most max(5 %, 4 MiB) (a drop is fine); judged "
                  "for the gateway and for client 0, which is never restarted. The restarted "
                  "clients are new processes at the end, shown for information.")
         L.append("")

@@ -124,6 +124,8 @@ struct mux_chan {
     bool rd_busy, wr_busy;
     bool rd_big;              /* last read filled its buffer: read big */
     bool rd_spl;              /* the read in flight splices into pipe */
+    bool pipe_full;           /* pipe out of slots: copy until a batch
+                                 takes bytes out of it */
     bool spl_wr;              /* the tunnel splices into the local socket */
     bool spl_slow;            /* a splice gave up waiting for its writes:
                                  copy until its queue has drained */
@@ -417,8 +419,10 @@ static void chan_drop_out(struct mux_chan *c)
  * stays above zero: the pipe is closed, never reused with stale bytes. */
 static void chan_out_done(struct mux_chan *c, bool sent)
 {
-    if (c->out[0].buf == NULL && sent)
+    if (c->out[0].buf == NULL && sent) {
         c->pipe.n -= c->out[0].len;
+        c->pipe_full = false;
+    }
     out_release(c->m, &c->out[0]);
     memmove(&c->out[0], &c->out[1], (MUX_CHAN_OUT - 1) * sizeof(c->out[0]));
     c->out[MUX_CHAN_OUT - 1].buf = NULL;
@@ -533,15 +537,13 @@ static void chan_arm_read(struct mux_chan *c)
     if (c->fd < 0 || c->closing || c->rd_busy || c->peer_paused || m->closing ||
         c->out_n >= MUX_CHAN_OUT || c->out_n > c->out_tx)
         return;
-    /* Splice only into an empty pipe: a pipe holding bytes may be out of
-     * slots (one per socket buffer fragment) long before it is out of
-     * bytes, and splice then fails with EAGAIN although the socket is
-     * readable; parked on a socket whose peer has nothing more to send
-     * (its window is full), the read would never be retried. While the
-     * pipe holds the previous payload, the next read copies. */
-    if (c->rd_last >= spl_min(m, false) && c->pipe.n == 0 && pipe_get(m, &c->pipe)) {
+    if (c->rd_last >= spl_min(m, false) && !c->pipe_full && pipe_get(m, &c->pipe)) {
+        size_t room = (size_t)c->pipe.cap - c->pipe.n;
+
+        if (room == 0)
+            return; /* the batch in flight empties it */
         c->rd_busy = c->rd_spl = true;
-        eng_splice(m->e, &c->rd, c->fd, c->pipe.fd[1], c->pipe.cap, ENG_SPLICE_IN);
+        eng_splice(m->e, &c->rd, c->fd, c->pipe.fd[1], room, ENG_SPLICE_IN);
         return;
     }
     if (c->pipe.n == 0)
@@ -559,6 +561,13 @@ static void chan_rd_cb(struct eng_op *op, int res)
     c->rd_busy = c->rd_spl = false;
     if (res > 0 && spl)
         c->pipe.n += (uint32_t)res;
+    if (res == -EAGAIN && spl && !c->closing) {
+        /* The pipe is out of slots (eng_splice): the next reads copy
+         * until a batch takes bytes out of it. */
+        c->pipe_full = c->pipe.n > 0;
+        chan_arm_read(c);
+        return;
+    }
     if (c->closing) {
         if (res > 0 && !spl)
             eng_buf_put(m->e, eng_op_buf(op));
@@ -1296,6 +1305,17 @@ static void spl_in_cb(struct eng_op *op, int res)
         spl_end(m);
         mux_check(m);
         return;
+    }
+    if (res == -EAGAIN) {
+        /* Pipe out of slots (eng_splice): it is empty here, so bytes
+         * arrived just after the splice found none. Try again. */
+        uint8_t id[FRAME_ID_LEN];
+        uint32_t left;
+
+        if (m->pipe.n == 0 && frame_dec_in_data(m->dec, id, &left)) {
+            spl_read(m, left);
+            return;
+        }
     }
     if (res <= 0) {
         spl_end(m);

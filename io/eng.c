@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "core/log.h"
@@ -147,6 +148,17 @@ bool eng_splice_run(struct eng *e, struct eng_op *op, int *res)
         long n = splice_step(e, op);
 
         if (op->u.spl.dir == ENG_SPLICE_IN) {
+            int avail = 0;
+
+            /* EAGAIN while the socket holds bytes: the pipe is out of
+             * slots (one per socket buffer fragment, so it can be full
+             * long before its byte capacity). Waiting for the socket
+             * would wait for an edge that a sender with a full window
+             * never makes: report it, the caller drains the pipe. */
+            if (n == -EAGAIN && ioctl(op->fd, FIONREAD, &avail) == 0 && avail > 0) {
+                *res = -EAGAIN;
+                return true;
+            }
             if (n == -EAGAIN)
                 return false;
             *res = (int)n; /* bytes, 0 = EOF, or -errno */

@@ -401,7 +401,9 @@ enum eng_splice_dir {
 
 /* splice(2) between socket fd and pipe pfd (see enum eng_splice_dir);
  * len 1..INT_MAX. Both engines splice with SPLICE_F_NONBLOCK and wait for
- * the socket's readiness on EAGAIN (see "Engines"). */
+ * the socket's readiness on EAGAIN (see "Engines"), except ENG_SPLICE_IN
+ * into a pipe that is out of slots while the socket holds bytes: that
+ * completes with -EAGAIN, and the caller must empty the pipe first. */
 void eng_splice(struct eng *e, struct eng_op *op, int fd, int pfd, size_t len,
                 enum eng_splice_dir dir);
 

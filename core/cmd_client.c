@@ -68,12 +68,9 @@ static const struct opt_spec client_specs[] = {
     { "pong-timeout", "SNITUN_CLIENT_PONG_TIMEOUT", OPT_INT, "SECONDS",
       "close the tunnel when a ping gets no reply in time", "90", 1, 3600 },
     { "splice", "SNITUN_CLIENT_SPLICE", OPT_STR, "auto|on|off",
-      "move large DATA payloads socket -> pipe -> socket with splice(2): auto = from 64 KiB "
-      "incoming, 256 KiB outgoing (measured, see core/mux.h); on = always; off = copy",
-      "auto", 0, 0 },
+      MUX_SPLICE_HELP, "auto", 0, 0 },
     { "batch", "SNITUN_CLIENT_BATCH", OPT_STR, "on|off",
-      "seal every frame header of a loop turn in one cipher call and write them with one "
-      "writev (off: one frame per send; a benchmark knob)", "on", 0, 0 },
+      MUX_BATCH_HELP, "on", 0, 0 },
     { "io", "SNITUN_IO", OPT_STR, "auto|uring|epoll",
       "I/O engine; the client runs one engine on one thread", "auto", 0, 0 },
     { "admin-listen", "SNITUN_CLIENT_ADMIN_LISTEN", OPT_STR, "ADDR:PORT",

@@ -67,12 +67,9 @@ static const struct opt_spec server_specs[] = {
       "bytes queued for all devices of one tunnel; above it the channel holding the most is "
       "closed; 0 = no cap", "268435456", 0, 1LL << 40 },
     { "splice", "SNITUN_SPLICE", OPT_STR, "auto|on|off",
-      "move large DATA payloads socket -> pipe -> socket with splice(2): auto = from 64 KiB "
-      "incoming, 256 KiB outgoing (measured, see core/mux.h); on = always; off = copy",
-      "auto", 0, 0 },
+      MUX_SPLICE_HELP, "auto", 0, 0 },
     { "batch", "SNITUN_BATCH", OPT_STR, "on|off",
-      "seal every frame header of a loop turn in one cipher call and write them with one "
-      "writev (off: one frame per send; a benchmark knob)", "on", 0, 0 },
+      MUX_BATCH_HELP, "on", 0, 0 },
     { "handshake-timeout", "SNITUN_HANDSHAKE_TIMEOUT", OPT_INT, "SECONDS",
       "accept until the ClientHello or token is complete (PROXY header included)", "10", 1, 60 },
     { "challenge-timeout", "SNITUN_CHALLENGE_TIMEOUT", OPT_INT, "SECONDS",

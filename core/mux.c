@@ -1228,6 +1228,17 @@ static void spl_out_cb(struct eng_op *op, int res);
 static void spl_drain_cb(struct eng_op *op, int res);
 static void chan_wr_cb(struct eng_op *op, int res);
 
+static void spl_end(struct mux *m);
+
+/* A local write or pipe read of the splice failed: back to the copy path,
+ * the channel closes, the tunnel is read again. */
+static void spl_fail(struct mux *m, struct mux_chan *c)
+{
+    spl_end(m);
+    chan_close(c, MUX_R_LOCAL_ERROR, true, false);
+    rx_process(m);
+}
+
 /* Back to the copy path: the pipe goes back (closed if it holds bytes),
  * the channel's socket is free again. */
 static void spl_end(struct mux *m)
@@ -1343,9 +1354,7 @@ static void spl_drain(struct mux *m)
     size_t n = m->pipe.n > ENG_PBUF_BIG ? ENG_PBUF_BIG : m->pipe.n;
 
     if (m->spl_buf == NULL && (m->spl_buf = eng_buf_get(m->e, ENG_PBUF_BIG)) == NULL) {
-        spl_end(m);
-        chan_close(c, MUX_R_LOCAL_ERROR, true, false);
-        rx_process(m);
+        spl_fail(m, c);
         return;
     }
     c->wr.cb = spl_drain_cb;
@@ -1372,9 +1381,7 @@ static void spl_out_cb(struct eng_op *op, int res)
         return;
     }
     if (res < 0) {
-        spl_end(m);
-        chan_close(c, MUX_R_LOCAL_ERROR, true, false);
-        rx_process(m);
+        spl_fail(m, c);
         return;
     }
     if (m->pipe.n > 0) {
@@ -1410,9 +1417,7 @@ static void spl_drain_cb(struct eng_op *op, int res)
         return;
     }
     if (res <= 0) {
-        spl_end(m);
-        chan_close(c, MUX_R_LOCAL_ERROR, true, false);
-        rx_process(m);
+        spl_fail(m, c);
         return;
     }
     if (m->pipe.n > 0) {

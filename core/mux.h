@@ -169,6 +169,14 @@ enum mux_splice {
  * next read in auto. */
 #define MUX_SPLICE_OUT_AUTO (256u << 10)
 
+/* --help lines of the --splice and --batch options (server and client). */
+#define MUX_SPLICE_HELP                                                                    \
+    "move large DATA payloads socket -> pipe -> socket with splice(2): auto = from 64 KiB " \
+    "incoming, 256 KiB outgoing (measured, see core/mux.h); on = always; off = copy"
+#define MUX_BATCH_HELP                                                                     \
+    "seal every frame header of a loop turn in one cipher call and write them with one "   \
+    "writev (off: one frame per send; a benchmark knob)"
+
 /* "auto", "on", "off" -> *out; -1 for anything else. */
 int mux_splice_parse(const char *s, enum mux_splice *out);
 const char *mux_splice_name(enum mux_splice s);

@@ -165,7 +165,9 @@ def refused(port, timeout=3.0):
             s = socket.create_connection(("127.0.0.1", port), timeout=1)
         except ConnectionRefusedError:
             return True
-        except ConnectionResetError:   # queued while the listener closed
+        except (ConnectionResetError, socket.timeout):
+            # queued while the listener closed, or a SYN the closing
+            # listener dropped (seen under load): ask again
             continue
         s.close()
         time.sleep(0.05)

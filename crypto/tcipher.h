@@ -96,6 +96,16 @@ int tc_seal_batch(struct tc_stream *s, const uint8_t *in, const uint32_t *lens,
  * the sender's prefix with the next counter (aes-gcm). */
 int tc_open(struct tc_stream *s, const uint8_t *in, size_t wire_n, uint8_t *out);
 
+/* Park an idle stream: its OpenSSL context (~640 bytes with the key
+ * schedule) is freed, keeping the key and where the stream stands; the
+ * next tc_seal/tc_seal_batch/tc_open makes it again (one allocation and a
+ * key setup, ~0.4 us), with output identical to a stream never parked.
+ * Between units only. Returns 0 (also when already parked), or -1 when
+ * OpenSSL cannot tell the CBC chain's state (the stream is left as it
+ * was, still usable). */
+int tc_park(struct tc_stream *s);
+bool tc_parked(const struct tc_stream *s);
+
 /* Test hooks. tc_set_rng(): where aes-gcm-siv nonces come from (NULL:
  * rand_bytes() again). tc_set_counter(): the next aes-gcm counter this stream
  * seals with or expects, e.g. near 2^64-1 to test exhaustion. */

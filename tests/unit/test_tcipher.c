@@ -376,3 +376,78 @@ Test(tcipher, rng_draw_default_and_injected)
     cr_assert_eq(tc_rng_draw(&bad, buf, sizeof(buf)), -1);
 }
 
+
+/* Two streams of the same key, one parked after every few units: the
+ * bytes on the wire and the plaintext opened must be identical. */
+static void park_equals_unparked(enum tc_kind k, size_t keylen, uint32_t seed)
+{
+    struct tc_stream *ref = mk(k, TC_SEAL, TC_SIDE_CLIENT, keylen);
+    struct tc_stream *pk = mk(k, TC_SEAL, TC_SIDE_CLIENT, keylen);
+    struct tc_stream *o_ref = mk(k, TC_OPEN, TC_SIDE_CLIENT, keylen);
+    struct tc_stream *o_pk = mk(k, TC_OPEN, TC_SIDE_CLIENT, keylen);
+    size_t ovh = tc_overhead(ref);
+    uint8_t in[96], a[96 + TC_AEAD_OVERHEAD], b[96 + TC_AEAD_OVERHEAD];
+    uint8_t back_ref[96], back_pk[96];
+    int parks = 0;
+
+    cr_assert(!tc_parked(pk));
+    for (int unit = 0; unit < 60; unit++) {
+        size_t n = (next_rand(&seed) % 6 + 1) * 16;
+
+        cr_assert_eq(RAND_bytes(in, (int)n), 1);
+        if (next_rand(&seed) % 3 == 0) {
+            cr_assert_eq(tc_park(pk), 0);
+            cr_assert_eq(tc_park(pk), 0, "parking twice is harmless");
+            cr_assert(tc_parked(pk));
+            cr_assert_eq(tc_park(o_pk), 0);
+            parks++;
+        }
+        cr_assert_eq(tc_seal(ref, in, n, a), 0);
+        cr_assert_eq(tc_seal(pk, in, n, b), 0);
+        cr_assert(!tc_parked(pk), "a unit makes the context again");
+        if (k != TC_AES_GCM_SIV) /* random nonces: the bytes differ */
+            cr_assert_arr_eq(a, b, n + ovh, "%s key %zu unit %d", tc_kind_name(k), keylen, unit);
+        cr_assert_eq(tc_open(o_ref, a, n + ovh, back_ref), 0);
+        cr_assert_eq(tc_open(o_pk, b, n + ovh, back_pk), 0, "%s unit %d", tc_kind_name(k), unit);
+        cr_assert_arr_eq(back_ref, in, n);
+        cr_assert_arr_eq(back_pk, in, n);
+    }
+    cr_assert_gt(parks, 5);
+    cr_assert_eq(tc_park(NULL), 0);
+    cr_assert(!tc_parked(NULL));
+    tc_free(ref);
+    tc_free(pk);
+    tc_free(o_ref);
+    tc_free(o_pk);
+}
+
+Test(tcipher, park_continues_the_stream, .init = fill)
+{
+    for (size_t i = 0; i < 3; i++) {
+        park_equals_unparked(TC_AES_CBC, keylens[i], 3 + (uint32_t)i);
+        park_equals_unparked(TC_AES_GCM, keylens[i], 31 + (uint32_t)i);
+        if (tc_available(TC_AES_GCM_SIV))
+            park_equals_unparked(TC_AES_GCM_SIV, keylens[i], 77 + (uint32_t)i);
+    }
+}
+
+/* A parked open stream still refuses a forgery, and a parked stream is
+ * freed without its context. */
+Test(tcipher, parked_stream_refuses_forgery, .init = fill)
+{
+    struct tc_stream *s = mk(TC_AES_GCM, TC_SEAL, TC_SIDE_GATEWAY, 32);
+    struct tc_stream *o = mk(TC_AES_GCM, TC_OPEN, TC_SIDE_GATEWAY, 32);
+    uint8_t in[32] = { 1 }, w[32 + TC_AEAD_OVERHEAD], out[32];
+
+    cr_assert_eq(tc_seal(s, in, 32, w), 0);
+    cr_assert_eq(tc_park(o), 0);
+    w[TC_NONCE_LEN] ^= 1;
+    cr_assert_eq(tc_open(o, w, sizeof(w), out), -1);
+    w[TC_NONCE_LEN] ^= 1;
+    cr_assert_eq(tc_park(o), 0);
+    cr_assert_eq(tc_open(o, w, sizeof(w), out), 0);
+    cr_assert_arr_eq(out, in, 32);
+    cr_assert_eq(tc_park(s), 0);
+    tc_free(s);
+    tc_free(o);
+}

@@ -256,6 +256,7 @@ static int shards_new(struct gw *g)
         CDS_INIT_LIST_HEAD(&sh->conns);
         CDS_INIT_LIST_HEAD(&sh->tunnels);
         log_rl_init(&sh->rl, cfg->log_rate > 0 ? cfg->log_rate : ~0u);
+        mux_group_init(&sh->mux_group);
         sh->lsn = calloc(cfg->nlisten, sizeof(*sh->lsn));
         if (sh->lsn == NULL)
             return -1;
@@ -695,6 +696,7 @@ static void shard_settle(struct gw_shard *sh)
     eng_timer_del(sh->eng, &sh->linger_timer);
     while (timer_clock_ms() < end && eng_run_once(sh->eng, GW_SETTLE_POLL_MS) > 0)
         rcu_quiescent_state();
+    gw_tunnel_fold_all(sh); /* what the last channels counted */
 }
 
 static void shard_loop(struct gw_shard *sh)

@@ -157,8 +157,6 @@ struct gw_tunnel {
     enum tc_kind cipher;
     struct net_addr peer;
     struct timer expiry;
-    struct mux_hooks hooks;
-    struct mux_stats folded;     /* mux_stats() as last added to the metrics */
 };
 
 struct gw_shard {
@@ -186,6 +184,8 @@ struct gw_shard {
     struct timer fold_timer;     /* mux counters into the metrics, 1 s */
     struct eng_defer drain_d;
     struct gw_ctr ctr;
+    struct mux_group mux_group;  /* counters and random bytes of the tunnels */
+    struct mux_stats mux_folded; /* mux_group.st as last added to the metrics */
     struct log_rl rl;            /* per-connection lines of this shard */
     char err[256];               /* startup failure */
 };
@@ -284,8 +284,9 @@ enum gw_rej gw_route(struct gw_conn *c, const char *name, size_t n);
  * shard ends its loop once nothing is left. */
 void gw_shard_check_drained(struct gw_shard *sh);
 
-/* Add what every tunnel's mux counted since the last fold to the metrics
- * (and to the shard's counters). gw.c runs it every second. */
+/* Add what the shard's tunnels counted since the last fold to the metrics
+ * (and to the shard's counters). gw.c runs it every second, gw_tunnel.c
+ * when a tunnel goes. */
 void gw_tunnel_fold_all(struct gw_shard *sh);
 
 /* ---- gw_conn.c --------------------------------------------------------- */

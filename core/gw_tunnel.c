@@ -153,13 +153,14 @@ static void on_chan_closed(void *ctx, struct mux_chan *ch, enum mux_reason why)
     gw_shard_check_drained(sh); /* a drain waits for the last channel */
 }
 
-/* Add what the mux counted since the last fold: the mux keeps plain
- * per-tunnel totals, the metrics per-shard ones. */
-static void tunnel_fold(struct gw_tunnel *t, const struct mux_stats *st)
+/* Add what the shard's tunnels counted since the last fold: they share
+ * one struct mux_group per shard (plain totals), the metrics take the
+ * difference. */
+void gw_tunnel_fold_all(struct gw_shard *sh)
 {
-    struct gw_shard *sh = t->sh;
     struct metrics *m = sh->gw->metrics;
-    struct mux_stats *f = &t->folded;
+    const struct mux_stats *st = &sh->mux_group.st;
+    struct mux_stats *f = &sh->mux_folded;
     uint64_t to_dev = st->bytes_to_local - f->bytes_to_local;
     uint64_t from_dev = st->bytes_from_local - f->bytes_from_local;
 
@@ -188,14 +189,6 @@ static void tunnel_fold(struct gw_tunnel *t, const struct mux_stats *st)
     *f = *st;
 }
 
-void gw_tunnel_fold_all(struct gw_shard *sh)
-{
-    struct gw_tunnel *t;
-
-    cds_list_for_each_entry(t, &sh->tunnels, link)
-        tunnel_fold(t, mux_stats(t->mux));
-}
-
 /* snitun_tunnels_connected and its split by version and cipher. */
 static void tunnel_gauges(struct gw_tunnel *t, int64_t d)
 {
@@ -215,7 +208,7 @@ static void on_dead(void *ctx, struct mux *m, enum mux_reason why)
 {
     struct gw_tunnel *t = ctx;
     struct gw_shard *sh = t->sh;
-    const struct mux_stats *st = mux_stats(m);
+    const struct mux_tally *st = mux_tally(m);
     char peer[ADDR_STRLEN];
     size_t removed;
 
@@ -228,7 +221,7 @@ static void on_dead(void *ctx, struct mux *m, enum mux_reason why)
     sh->ntunnels--;
     if ((unsigned)why < MUX_R_COUNT)
         sh->ctr.tunnels_closed[why]++;
-    tunnel_fold(t, st);
+    gw_tunnel_fold_all(sh); /* the metrics move with the gauges */
     tunnel_gauges(t, -1);
     metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_TUNNEL_CLOSES, tunnel_label(why), 1);
     log_msg(LOG_INFO, "tunnel down", "shard", LOG_U64(sh->idx), "tunnel", LOG_U64(t->id),
@@ -371,6 +364,7 @@ int gw_tunnel_start(struct gw_conn *c)
     const struct gw_cfg *cfg = sh->gw->cfg;
     struct gw_tunnel *t = calloc(1, sizeof(*t));
     struct mux_cfg mc;
+    struct mux_hooks hooks = { .ctx = t, .on_chan_closed = on_chan_closed, .on_dead = on_dead };
     char peer[ADDR_STRLEN];
 
     if (t == NULL || tunnel_names(t, &c->claims) != 0) {
@@ -395,9 +389,8 @@ int gw_tunnel_start(struct gw_conn *c)
     if (cfg->splice != 0)
         mc.splice = cfg->splice;
     mc.batch = !cfg->no_batch;
-    t->hooks = (struct mux_hooks){ .ctx = t, .on_chan_closed = on_chan_closed,
-                                   .on_dead = on_dead };
-    t->mux = mux_new(sh->eng, c->fd, &mc, &t->hooks, c->seal, c->open, c->buf + c->off,
+    mc.group = &sh->mux_group;
+    t->mux = mux_new(sh->eng, c->fd, &mc, &hooks, c->seal, c->open, c->buf + c->off,
                      c->len - c->off);
     if (t->mux == NULL) {
         tunnel_free(t);

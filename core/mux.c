@@ -78,7 +78,6 @@
 #define MUX_SPLICE_WAIT_MS 20
 /* CSPRNG bytes buffered per tunnel for padding and ids: one RAND_bytes
  * call (and its getpid(2) fork check) per ~5 frames instead of each. */
-#define MUX_RND 64
 
 enum ctl_kind {
     CTL_PONG = 1,  /* reply to a PING request */
@@ -160,11 +159,14 @@ struct mux_tx {
     struct frame_batch batch;
 };
 
-/* Kept small (an idle tunnel is little more than this): fields grouped
- * to avoid padding, 1280 bytes at most (a jemalloc size class). */
 /* Ids of the channels this side closed last: frames the peer sent before
- * it saw our CLOSE are a normal race, counted apart from ids never open. */
-#define MUX_LATE_IDS 8
+ * it saw our CLOSE are a normal race, counted apart from ids never open.
+ * Only a counter's label depends on it, so the ring is short. */
+#define MUX_LATE_IDS 4
+
+/* Kept small (an idle tunnel is little more than this): fields grouped
+ * to avoid padding, 1024 bytes at most (a jemalloc size class; the
+ * gateway's RSS per idle tunnel is measured by bench/ scenario 6). */
 
 struct mux {
     struct eng *e;
@@ -184,7 +186,6 @@ struct mux {
     bool rx_eng;              /* rx is an engine buffer, else malloc'd */
     bool rx_big;              /* last read filled its buffer: read big */
     bool rx_hdr;              /* next read: one header (after a splice) */
-    uint8_t rnd_pos;
     /* tunnel input: rx[rx_off..rx_len) still to decode */
     uint8_t *rx;
     size_t rx_off, rx_len;
@@ -206,14 +207,16 @@ struct mux {
     uint64_t last_act, next_ping, pong_deadline;
     struct eng_op rd, wr;
     struct eng_defer flush_d, start_d, dead_d, free_d;
-    struct mux_stats st;
+    struct mux_stats *st;     /* &group->st */
+    struct mux_group *own;    /* the group allocated when cfg had none */
+    struct mux_tally tally;
     struct frame_enc enc;
-    uint8_t rnd[MUX_RND];
 };
 
 static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close, bool drain);
 static void chan_check(struct mux_chan *c);
 static void schedule_flush(struct mux *m);
+static void park_if_quiet(struct mux *m);
 
 /* ---- names and defaults ------------------------------------------------- */
 
@@ -346,20 +349,27 @@ static size_t read_len(size_t cfg_size, bool big)
     return big || cfg_size < ENG_PBUF_SMALL ? cfg_size : ENG_PBUF_SMALL;
 }
 
-/* tc_rng for the encoder: CSPRNG bytes drawn MUX_RND at a time. */
+void mux_group_init(struct mux_group *g)
+{
+    memset(g, 0, sizeof(*g));
+    g->rnd_pos = sizeof(g->rnd);
+}
+
+/* tc_rng for the encoder: CSPRNG bytes from the group's pool, each byte
+ * handed out once. */
 static int rnd_draw(void *ctx, void *buf, size_t n)
 {
-    struct mux *m = ctx;
+    struct mux_group *g = ctx;
 
-    if (n > sizeof(m->rnd))
+    if (n > sizeof(g->rnd))
         return tc_rng_draw(NULL, buf, n);
-    if (sizeof(m->rnd) - m->rnd_pos < n) {
-        if (tc_rng_draw(NULL, m->rnd, sizeof(m->rnd)) != 0)
+    if (sizeof(g->rnd) - g->rnd_pos < n) {
+        if (tc_rng_draw(NULL, g->rnd, sizeof(g->rnd)) != 0)
             return -1;
-        m->rnd_pos = 0;
+        g->rnd_pos = 0;
     }
-    memcpy(buf, m->rnd + m->rnd_pos, n);
-    m->rnd_pos = (uint8_t)(m->rnd_pos + n);
+    memcpy(buf, g->rnd + g->rnd_pos, n);
+    g->rnd_pos += (uint32_t)n;
     return 0;
 }
 
@@ -584,7 +594,8 @@ static void chan_rd_cb(struct eng_op *op, int res)
         }
         c->rd_last = (uint32_t)res;
         c->last_act = now_ms(m);
-        m->st.bytes_from_local += (uint64_t)res;
+        m->st->bytes_from_local += (uint64_t)res;
+        m->tally.bytes_from_local += (uint64_t)res;
         ready_add(c);
     } else if (res == 0) {
         chan_close(c, MUX_R_LOCAL_EOF, true, true);
@@ -648,7 +659,8 @@ static void chan_wr_cb(struct eng_op *op, int res)
         c->nprefix = c->wr_prefix = 0;
     }
     mux_queue_consume(&c->q, &m->pool, n);
-    m->st.bytes_to_local += n;
+    m->st->bytes_to_local += n;
+    m->tally.bytes_to_local += n;
     c->last_act = now_ms(m);
     if (c->q.bytes == 0) {
         c->spl_slow = false; /* its reader caught up */
@@ -688,7 +700,8 @@ static struct mux_chan *chan_new(struct mux *m, const uint8_t id[FRAME_ID_LEN],
     cds_list_add_tail(&c->all, &m->all);
     m->nchan++;
     m->nobj++;
-    m->st.chan_opened++;
+    m->st->chan_opened++;
+    m->tally.chan_opened++;
     return c;
 }
 
@@ -754,7 +767,7 @@ static void chan_close(struct mux_chan *c, enum mux_reason why, bool send_close,
     c->why = why;
     if (m->spl_wait == c)
         spl_wait_end(m);
-    m->st.chan_closed[why]++;
+    m->st->chan_closed[why]++;
     tdelete(c, &m->root, id_cmp);
     if (why != MUX_R_PEER_CLOSE)
         late_add(m, c->id);
@@ -799,9 +812,9 @@ static int chan_emit(struct mux *m, struct mux_chan *c, size_t *bytes)
         flow = c->pause_sent ? FRAME_PAUSE : FRAME_RESUME;
         rc = c->pause_sent ? frame_batch_pause(b, c->id) : frame_batch_resume(b, c->id);
         if (c->pause_sent)
-            m->st.pauses_sent++;
+            m->st->pauses_sent++;
         else
-            m->st.resumes_sent++;
+            m->st->resumes_sent++;
     } else if (c->out_n > c->out_tx) {
         const struct mux_out *o = &c->out[c->out_tx++];
 
@@ -822,7 +835,7 @@ static int chan_emit(struct mux *m, struct mux_chan *c, size_t *bytes)
     } else {
         return 0;
     }
-    m->st.frames_out[mux_flow_index(flow)]++;
+    m->st->frames_out[mux_flow_index(flow)]++;
     *bytes += FRAME_HDR_LEN;
     return rc;
 }
@@ -839,10 +852,10 @@ static int ctl_emit(struct mux *m, size_t max)
 
         if (x->kind == CTL_CLOSE) {
             rc = frame_batch_close(&tx->batch, x->id);
-            m->st.frames_out[mux_flow_index(FRAME_CLOSE)]++;
+            m->st->frames_out[mux_flow_index(FRAME_CLOSE)]++;
         } else {
             rc = frame_batch_ping(&tx->batch, x->id, x->kind == CTL_PONG);
-            m->st.frames_out[mux_flow_index(FRAME_PING)]++;
+            m->st->frames_out[mux_flow_index(FRAME_PING)]++;
         }
     }
     tx->ctl_n -= i;
@@ -901,8 +914,8 @@ static void flush_cb(struct eng_defer *d)
     memcpy(tx->iov, iov, (size_t)cnt * sizeof(*iov));
     tx->iovcnt = cnt;
     tx->pos = 0;
-    m->st.batches++;
-    m->st.batch_frames += b->nframes;
+    m->st->batches++;
+    m->st->batch_frames += b->nframes;
     m->tx_busy = true;
     tx_step(m);
     return;
@@ -996,10 +1009,12 @@ static void tx_done(struct mux *m, int res, bool sent)
     }
     if (m->closing)
         return;
-    if ((m->tx != NULL && m->tx->ctl_n > 0) || !cds_list_empty(&m->ready))
+    if ((m->tx != NULL && m->tx->ctl_n > 0) || !cds_list_empty(&m->ready)) {
         schedule_flush(m);
-    else
+    } else {
         tx_trim(m);
+        park_if_quiet(m);
+    }
 }
 
 /* ---- the tunnel: receiving ----------------------------------------------- */
@@ -1021,11 +1036,11 @@ static void drop_unknown(struct mux *m, const uint8_t id[FRAME_ID_LEN])
 {
     for (unsigned i = 0; i < m->late_n; i++) {
         if (memcmp(m->late[i], id, FRAME_ID_LEN) == 0) {
-            m->st.dropped_late++;
+            m->st->dropped_late++;
             return;
         }
     }
-    m->st.dropped_unknown_id++;
+    m->st->dropped_unknown_id++;
 }
 
 static void biggest_walk(const void *node, VISIT which, void *ctx)
@@ -1047,7 +1062,7 @@ static void tunnel_overflow(struct mux *m)
     twalk_r(m->root, biggest_walk, &best);
     if (best == NULL)
         return;
-    m->st.tunnel_overflows++;
+    m->st->tunnel_overflows++;
     chan_close(best, MUX_R_QUEUE_LIMIT, true, false);
 }
 
@@ -1093,19 +1108,19 @@ static void on_new(struct mux *m, const struct frame_ev *ev)
         return;
     }
     if (ev->bad_block) {
-        m->st.bad_new++;
+        m->st->bad_new++;
         ctl_push(m, CTL_CLOSE, ev->id);
         return;
     }
     if (m->hooks.on_new == NULL ||
         (m->cfg.max_channels > 0 && m->nchan >= m->cfg.max_channels)) {
-        m->st.chan_closed[m->hooks.on_new == NULL ? MUX_R_REFUSED : MUX_R_LIMIT]++;
+        m->st->chan_closed[m->hooks.on_new == NULL ? MUX_R_REFUSED : MUX_R_LIMIT]++;
         ctl_push(m, CTL_CLOSE, ev->id);
         return;
     }
     c = chan_new(m, ev->id, &ev->caller);
     if (c == NULL) {
-        m->st.chan_closed[MUX_R_LIMIT]++;
+        m->st->chan_closed[MUX_R_LIMIT]++;
         ctl_push(m, CTL_CLOSE, ev->id);
         return;
     }
@@ -1116,7 +1131,7 @@ static void on_frame(struct mux *m, const struct frame_ev *ev)
 {
     struct mux_chan *c;
 
-    m->st.frames_in[mux_flow_index(ev->flow)]++;
+    m->st->frames_in[mux_flow_index(ev->flow)]++;
     switch (ev->flow) {
     case FRAME_NEW:
         on_new(m, ev);
@@ -1194,6 +1209,18 @@ static int dec_get(struct mux *m)
     return 0;
 }
 
+/* A tunnel with no channel and nothing to send gives back its cipher
+ * contexts (tc_park, ~1.3 KiB of OpenSSL state for the pair): idle tunnels
+ * are most tunnels, and their next PING makes them again (~1 us). A
+ * tunnel with channels keeps them, so the data path never pays for it. */
+static void park_if_quiet(struct mux *m)
+{
+    if (m->nobj != 0 || m->tx != NULL || m->tx_busy || m->closing)
+        return;
+    (void)tc_park(m->seal); /* -1 leaves the stream as it was: fine */
+    (void)tc_park(m->open);
+}
+
 /* Everything read is decoded: give the buffer back, drop the decoder if
  * no frame is split across reads, and read again (one header only right
  * after a spliced payload, so that the next large one splices too). */
@@ -1210,6 +1237,7 @@ static void rx_arm(struct mux *m)
     m->rx_hdr = false;
     m->rd_busy = true;
     eng_recv_pick(m->e, &m->rd, m->fd, len);
+    park_if_quiet(m);
 }
 
 /* ---- the tunnel: incoming splice -------------------------------------------
@@ -1295,7 +1323,7 @@ static bool spl_start(struct mux *m)
         return false;
     /* Nothing of it was decoded: the frame is counted here. */
     if (left == m->dec->size)
-        m->st.frames_in[mux_flow_index(FRAME_DATA)]++;
+        m->st->frames_in[mux_flow_index(FRAME_DATA)]++;
     rx_release(m);
     m->spl_c = c;
     c->spl_wr = true;
@@ -1373,7 +1401,8 @@ static void spl_out_cb(struct eng_op *op, int res)
     c->wr.cb = chan_wr_cb;
     if (res > 0) {
         m->pipe.n -= (uint32_t)res;
-        m->st.bytes_to_local += (uint64_t)res;
+        m->st->bytes_to_local += (uint64_t)res;
+        m->tally.bytes_to_local += (uint64_t)res;
         c->last_act = now_ms(m);
     }
     if (m->closing) {
@@ -1471,10 +1500,10 @@ static void rx_process(struct mux *m)
         m->last_act = now_ms(m);
         if (ev.kind == FRAME_EV_DATA) {
             if (ev.offset == 0)
-                m->st.frames_in[mux_flow_index(FRAME_DATA)]++;
+                m->st->frames_in[mux_flow_index(FRAME_DATA)]++;
             on_data(m, &ev);
         } else if (ev.kind == FRAME_EV_UNKNOWN) {
-            m->st.frames_in[mux_flow_index(ev.flow)]++;
+            m->st->frames_in[mux_flow_index(ev.flow)]++;
         } else {
             on_frame(m, &ev);
         }
@@ -1598,6 +1627,7 @@ static void free_cb(struct eng_defer *d)
     spl_end(m);
     free(m->dec);
     free(m->tx);
+    free(m->own);
     free(m);
 }
 
@@ -1673,6 +1703,15 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
     if (m == NULL)
         return NULL;
     m->cfg = *cfg;
+    if (cfg->group == NULL) {
+        if ((m->own = malloc(sizeof(*m->own))) == NULL) {
+            free(m);
+            return NULL;
+        }
+        mux_group_init(m->own);
+        m->cfg.group = m->own;
+    }
+    m->st = &m->cfg.group->st;
     if (m->cfg.read_size == 0 || m->cfg.read_size > ENG_PBUF_BIG)
         m->cfg.read_size = ENG_PBUF_BIG;
     /* A queue chunk holds a PENDING channel's whole first frame: keep any
@@ -1686,6 +1725,7 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
     m->dec = malloc(sizeof(*m->dec));
     if (m->dec == NULL || (npending > 0 && (m->rx = malloc(npending)) == NULL)) {
         free(m->dec);
+        free(m->own);
         free(m);
         return NULL;
     }
@@ -1694,7 +1734,6 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
     if (npending > 0)
         memcpy(m->rx, pending, npending);
     m->rx_len = npending;
-    m->rnd_pos = sizeof(m->rnd);
     pipe_init(&m->pipe);
     m->e = e;
     m->fd = fd;
@@ -1703,7 +1742,8 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
     m->open = open;
     CDS_INIT_LIST_HEAD(&m->all);
     CDS_INIT_LIST_HEAD(&m->ready);
-    frame_enc_init(&m->enc, seal, cfg->version, &(struct tc_rng){ .draw = rnd_draw, .ctx = m });
+    frame_enc_init(&m->enc, seal, cfg->version,
+                   &(struct tc_rng){ .draw = rnd_draw, .ctx = m->cfg.group });
     eng_op_init(&m->rd, rx_cb);
     eng_op_init(&m->wr, tx_cb);
     m->last_act = now_ms(m);
@@ -1729,7 +1769,7 @@ struct mux_chan *mux_chan_open(struct mux *m, int fd, const struct net_addr *cal
 
     if (m->closing || n > FRAME_MAX_DATA ||
         (m->cfg.max_channels > 0 && m->nchan >= m->cfg.max_channels)) {
-        m->st.chan_closed[MUX_R_LIMIT] += m->closing ? 0 : 1;
+        m->st->chan_closed[MUX_R_LIMIT] += m->closing ? 0 : 1;
         eng_close(m->e, fd);
         return NULL;
     }
@@ -1758,7 +1798,8 @@ struct mux_chan *mux_chan_open(struct mux *m, int fd, const struct net_addr *cal
         memcpy(o.buf, first, n);
         o.len = (uint32_t)n;
         c->out[c->out_n++] = o;
-        m->st.bytes_from_local += n;
+        m->st->bytes_from_local += n;
+        m->tally.bytes_from_local += n;
     }
     ready_add(c);
     chan_arm_read(c);
@@ -1856,7 +1897,12 @@ size_t mux_channels(const struct mux *m)
 
 const struct mux_stats *mux_stats(const struct mux *m)
 {
-    return &m->st;
+    return m->st;
+}
+
+const struct mux_tally *mux_tally(const struct mux *m)
+{
+    return &m->tally;
 }
 
 struct eng *mux_eng(const struct mux *m)

@@ -185,12 +185,14 @@ const char *mux_splice_name(enum mux_splice s);
  * channel's own limit, so a single channel behaves as the reference. */
 #define MUX_TUNNEL_IN_LIMIT ((size_t)256 << 20)
 
-/* Tunables; mux_cfg_defaults() fills PROTOCOL.md 5.2 / 6.9 values. */
+/* Tunables; mux_cfg_defaults() fills PROTOCOL.md 5.2 / 6.9 values.
+ * Copied into every mux: ordered to leave no holes. */
 struct mux_cfg {
     enum tc_side side;        /* who we are: sets NEW handling and nonces */
     unsigned version;         /* protocol version of this tunnel (0..2) */
     uint32_t max_frame;       /* cap on received SIZE (default 16 MiB,
                                  at most 256 MiB) */
+    enum mux_splice splice;   /* default MUX_SPLICE_AUTO, see above */
     size_t read_size;         /* bytes per local recv = max DATA we send
                                  (default and most: ENG_PBUF_BIG, 256 KiB;
                                  reads start at ENG_PBUF_SMALL and grow to
@@ -201,13 +203,13 @@ struct mux_cfg {
                                  above it the channel holding the most is
                                  closed (MUX_TUNNEL_IN_LIMIT; 0 = none) */
     size_t max_channels;      /* 0 = unlimited */
+    size_t rx_size;           /* bytes per tunnel recv (default and most:
+                                 ENG_PBUF_BIG, 256 KiB; adaptive as
+                                 read_size) */
     uint32_t tunnel_idle_ms;  /* 0 = off; default 120000 */
     uint32_t chan_idle_ms;    /* 0 = off; default 120000 (gateway) */
     uint32_t ping_ms;         /* client: ping interval, 0 = never (gateway) */
     uint32_t pong_ms;         /* client: deadline for the reply (90000) */
-    size_t rx_size;           /* bytes per tunnel recv (default and most:
-                                 ENG_PBUF_BIG, 256 KiB; adaptive as
-                                 read_size) */
     uint32_t linger_ms;       /* closing channel: longest wait for its local
                                  reader to take the queued data (10000);
                                  0 = wait for the channel idle timer */
@@ -215,13 +217,15 @@ struct mux_cfg {
                                  sealed batch and one writev (default true);
                                  false: one frame per send, an ablation knob
                                  that shows what batching buys */
-    enum mux_splice splice;   /* default MUX_SPLICE_AUTO, see above */
+    struct mux_group *group;  /* shared counters and random bytes (below);
+                                 NULL (the default): the mux allocates a
+                                 group of its own */
 };
 
 void mux_cfg_defaults(struct mux_cfg *cfg, enum tc_side side, unsigned version);
 
-/* Per-mux counters, plain integers bumped by the owner thread; the role
- * adds them into its metrics. */
+/* Counters of a group of tunnels (struct mux_group), plain integers
+ * bumped by the owner thread; the role adds them into its metrics. */
 struct mux_stats {
     uint64_t frames_in[8], frames_out[8]; /* index: mux_flow_index() */
     uint64_t bytes_to_local;              /* DATA payload written locally */
@@ -239,6 +243,26 @@ struct mux_stats {
     uint64_t batches, batch_frames;       /* writev count, frames in them */
     uint64_t bad_new;                     /* v>=2 NEW with a short block:
                                              answered with CLOSE (4.5) */
+};
+
+/* What the tunnels of one owner thread share, so that an idle tunnel
+ * holds no counters or random bytes of its own: the counters above, and a
+ * pool of CSPRNG bytes for frame padding and channel ids (refilled
+ * MUX_GROUP_RND at a time, fewer RAND_bytes calls than per tunnel). Owned
+ * by the role (e.g. one per gateway shard); must outlive its tunnels. */
+#define MUX_GROUP_RND 1024
+struct mux_group {
+    struct mux_stats st;
+    uint32_t rnd_pos;
+    uint8_t rnd[MUX_GROUP_RND];
+};
+
+void mux_group_init(struct mux_group *g);
+
+/* What one tunnel moved (for its log line), apart from its group. */
+struct mux_tally {
+    uint64_t chan_opened;
+    uint64_t bytes_to_local, bytes_from_local;
 };
 
 /* 0 NEW, 1 DATA, 2 CLOSE, 3 PING, 4 PAUSE, 5 RESUME, 6 unknown. */
@@ -324,7 +348,9 @@ void *mux_chan_udata(const struct mux_chan *c);
 void mux_ping(struct mux *m);
 
 size_t mux_channels(const struct mux *m);
+/* The counters of m's group: of m alone when cfg.group was NULL. */
 const struct mux_stats *mux_stats(const struct mux *m);
+const struct mux_tally *mux_tally(const struct mux *m);
 struct eng *mux_eng(const struct mux *m);
 
 /* Role context slot per tunnel. */

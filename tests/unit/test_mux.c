@@ -125,6 +125,7 @@ struct fx {
     int devfd[MAXCH];             /* test end of each device socketpair */
     int own[MAXFD];               /* test-side fds closed at the end */
     int nown;
+    struct tc_stream *gs, *go, *cs, *co; /* the muxes' streams (theirs) */
 };
 
 static const struct mux_stats *st(const struct hk *h)
@@ -302,6 +303,10 @@ static void fx_start(struct fx *f, enum tc_kind ck, bool tcp)
     f->g.m = mux_new(f->e, sv[0], &f->gcfg, &gh, gs, go, NULL, 0);
     f->c.m = mux_new(f->e, sv[1], &f->ccfg, &ch, cs, co, NULL, 0);
     cr_assert(f->g.m && f->c.m);
+    f->gs = gs;
+    f->go = go;
+    f->cs = cs;
+    f->co = co;
 }
 
 /* One loop turn. Hot loops assert only on failure: Criterion ships every
@@ -2290,4 +2295,96 @@ Test(mux_queue, contiguous_first_chunk, .timeout = 120)
     cr_assert_eq(p.nfree, 1);               /* the big chunk was freed */
     mux_queue_pool_trim(&p);
     free(src);
+}
+
+/* ---- tests: what an idle tunnel holds -------------------------------------- */
+
+static bool all_parked(struct fx *f, void *arg)
+{
+    (void)arg;
+    return tc_parked(f->gs) && tc_parked(f->go) && tc_parked(f->cs) && tc_parked(f->co);
+}
+
+/* A tunnel without channels gives back its cipher contexts once nothing
+ * is in flight; a PING makes them again and the streams go on where they
+ * were (a wrong CBC chain or GCM counter would kill the tunnel); a
+ * tunnel with an open channel keeps them. */
+static void park_case(enum eng_kind kind, enum tc_kind ck, unsigned version)
+{
+    struct net_addr caller = ip4(192, 0, 2, 40, 0);
+    struct fx f;
+    char buf[4];
+    int j;
+
+    fx_init(&f, kind, version);
+    f.ccfg.ping_ms = 0;
+    fx_start(&f, ck, false);
+    cr_assert(run_until(&f, all_parked, NULL, 3000), "idle tunnel parked its streams");
+    for (int i = 1; i <= 3; i++) {
+        mux_ping(f.c.m);
+        cr_assert(wait_count(&f, &f.c.pongs, i, 3000), "%s v%u ping %d", tc_kind_name(ck),
+                  version, i);
+        cr_assert(run_until(&f, all_parked, NULL, 3000), "parked again after ping %d", i);
+    }
+    gw_open(&f, &caller, "ab", 2);
+    wait_new(&f, 1);
+    j = cl_of(&f, 0);
+    read_exact(&f, f.c.endfd[j], buf, 2, 3000);
+    write_all(&f, f.c.endfd[j], "cd", 2);
+    read_exact(&f, f.devfd[0], buf, 2, 3000);
+    cr_assert_eq(memcmp(buf, "cd", 2), 0);
+    for (int i = 0; i < 20; i++)
+        turn(&f, 5);
+    cr_assert(!tc_parked(f.gs) && !tc_parked(f.cs), "a tunnel with a channel keeps them");
+    shutdown(f.devfd[0], SHUT_WR);  /* the channel ends from the device */
+    cr_assert(wait_count(&f, &f.g.nclosed, 1, 3000));
+    cr_assert(wait_count(&f, &f.c.nclosed, 1, 3000));
+    mux_ping(f.c.m);
+    cr_assert(wait_count(&f, &f.c.pongs, 4, 3000));
+    cr_assert(run_until(&f, all_parked, NULL, 3000), "parked once the channel is gone");
+    cr_assert(!f.g.dead && !f.c.dead);
+    fx_end(&f);
+}
+
+MUX_TEST(idle_tunnel_parks_ciphers)
+{
+    park_case(kind, TC_AES_CBC, 0);
+    park_case(kind, TC_AES_CBC, 1);
+    park_case(kind, TC_AES_GCM, 2);
+}
+
+/* Tunnels given one group count into it together; a mux's own tally
+ * stays its own. */
+MUX_TEST(group_counters_shared)
+{
+    struct net_addr caller = ip4(192, 0, 2, 41, 0);
+    struct mux_group *grp = malloc(sizeof(*grp));
+    struct fx f;
+    char buf[3];
+    int j;
+
+    cr_assert_not_null(grp);
+    mux_group_init(grp);
+    fx_init(&f, kind, 1);
+    f.ccfg.ping_ms = 0;
+    f.gcfg.group = grp;
+    f.ccfg.group = grp;
+    fx_start(&f, TC_AES_GCM, false);
+    cr_assert_eq(mux_stats(f.g.m), mux_stats(f.c.m));
+    gw_open(&f, &caller, "abc", 3);
+    wait_new(&f, 1);
+    j = cl_of(&f, 0);
+    read_exact(&f, f.c.endfd[j], buf, 3, 3000);
+    cr_assert_eq(grp->st.chan_opened, 2, "one channel on each side");
+    cr_assert_eq(grp->st.frames_out[0], 1);
+    cr_assert_eq(grp->st.frames_in[0], 1);
+    cr_assert_eq(grp->st.bytes_from_local, 3);
+    cr_assert_eq(grp->st.bytes_to_local, 3);
+    cr_assert_eq(mux_tally(f.g.m)->chan_opened, 1);
+    cr_assert_eq(mux_tally(f.g.m)->bytes_from_local, 3);
+    cr_assert_eq(mux_tally(f.g.m)->bytes_to_local, 0);
+    cr_assert_eq(mux_tally(f.c.m)->bytes_to_local, 3);
+    cr_assert_lt(grp->rnd_pos, MUX_GROUP_RND, "padding drawn from the group's pool");
+    fx_end(&f);
+    free(grp);
 }

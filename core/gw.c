@@ -347,6 +347,7 @@ void gw_free(struct gw *g)
             if (sh->lsn[i].fd >= 0)
                 close(sh->lsn[i].fd);
         free(sh->lsn);
+        mux_group_fini(&sh->mux_group);
         pthread_mutex_destroy(&sh->rl.lock);
     }
     free(g->shards);

@@ -355,6 +355,14 @@ void mux_group_init(struct mux_group *g)
     g->rnd_pos = sizeof(g->rnd);
 }
 
+void mux_group_fini(struct mux_group *g)
+{
+    free(g->spare_tx);
+    free(g->spare_dec);
+    g->spare_tx = NULL;
+    g->spare_dec = NULL;
+}
+
 /* tc_rng for the encoder: CSPRNG bytes from the group's pool, each byte
  * handed out once. */
 static int rnd_draw(void *ctx, void *buf, size_t n)
@@ -442,8 +450,11 @@ static void chan_out_done(struct mux_chan *c, bool sent)
 
 static struct mux_tx *tx_get(struct mux *m)
 {
+    struct mux_group *g = m->cfg.group;
+
     if (m->tx == NULL) {
-        m->tx = malloc(sizeof(*m->tx));
+        m->tx = g->spare_tx != NULL ? g->spare_tx : malloc(sizeof(*m->tx));
+        g->spare_tx = NULL;
         if (m->tx == NULL)
             return NULL;
         m->tx->nchans = 0;
@@ -453,12 +464,29 @@ static struct mux_tx *tx_get(struct mux *m)
     return m->tx;
 }
 
+/* Give a tx context or decoder to the group's spare slot, or free it. */
+static void tx_put(struct mux_group *g, struct mux_tx *tx)
+{
+    if (g->spare_tx == NULL)
+        g->spare_tx = tx;
+    else
+        free(tx);
+}
+
+static void dec_put(struct mux_group *g, struct frame_dec *d)
+{
+    if (g->spare_dec == NULL)
+        g->spare_dec = d;
+    else
+        free(d);
+}
+
 /* Give the tx context back once nothing is in flight or waiting. */
 static void tx_trim(struct mux *m)
 {
     if (m->tx == NULL || m->tx_busy || m->tx->ctl_n > 0 || !cds_list_empty(&m->ready))
         return;
-    free(m->tx);
+    tx_put(m->cfg.group, m->tx);
     m->tx = NULL;
 }
 
@@ -1200,9 +1228,12 @@ static int rx_keep(struct mux *m)
 
 static int dec_get(struct mux *m)
 {
+    struct mux_group *g = m->cfg.group;
+
     if (m->dec != NULL)
         return 0;
-    m->dec = malloc(sizeof(*m->dec));
+    m->dec = g->spare_dec != NULL ? g->spare_dec : malloc(sizeof(*m->dec));
+    g->spare_dec = NULL;
     if (m->dec == NULL)
         return -1;
     frame_dec_init(m->dec, m->open, m->cfg.version, m->cfg.max_frame);
@@ -1231,7 +1262,7 @@ static void rx_arm(struct mux *m)
 
     rx_release(m);
     if (m->dec != NULL && m->dec->state == m->dec_boundary && m->dec->have == 0) {
-        free(m->dec);
+        dec_put(m->cfg.group, m->dec);
         m->dec = NULL;
     }
     m->rx_hdr = false;
@@ -1625,8 +1656,12 @@ static void free_cb(struct eng_defer *d)
     mux_queue_pool_trim(&m->pool);
     rx_release(m);
     spl_end(m);
-    free(m->dec);
-    free(m->tx);
+    if (m->dec != NULL)
+        dec_put(m->cfg.group, m->dec);
+    if (m->tx != NULL)
+        tx_put(m->cfg.group, m->tx);
+    if (m->own != NULL)
+        mux_group_fini(m->own);
     free(m->own);
     free(m);
 }

@@ -246,18 +246,27 @@ struct mux_stats {
 };
 
 /* What the tunnels of one owner thread share, so that an idle tunnel
- * holds no counters or random bytes of its own: the counters above, and a
+ * holds no counters or random bytes of its own: the counters above, a
  * pool of CSPRNG bytes for frame padding and channel ids (refilled
- * MUX_GROUP_RND at a time, fewer RAND_bytes calls than per tunnel). Owned
- * by the role (e.g. one per gateway shard); must outlive its tunnels. */
+ * MUX_GROUP_RND at a time, fewer RAND_bytes calls than per tunnel), and
+ * one spare send context (18 KiB) and frame decoder (2 KiB): a tunnel
+ * holds those only while it sends or has a frame split across reads, and
+ * a busy tunnel takes and returns them every turn. Owned by the role
+ * (e.g. one per gateway shard); must outlive its tunnels. */
 #define MUX_GROUP_RND 1024
+struct mux_tx;
+struct frame_dec;
 struct mux_group {
     struct mux_stats st;
+    struct mux_tx *spare_tx;
+    struct frame_dec *spare_dec;
     uint32_t rnd_pos;
     uint8_t rnd[MUX_GROUP_RND];
 };
 
 void mux_group_init(struct mux_group *g);
+/* Frees the spares; the group may be initialised again. */
+void mux_group_fini(struct mux_group *g);
 
 /* What one tunnel moved (for its log line), apart from its group. */
 struct mux_tally {

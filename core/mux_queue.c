@@ -16,16 +16,31 @@ struct mux_chunk {
 };
 
 #define CHUNK_CAP (CHUNK_ALLOC - sizeof(struct mux_chunk))
+/* 4 KiB allocations for a small append to an empty queue: a jemalloc
+ * small class served from the thread cache, where a 64 KiB one is a large
+ * allocation (arena lock, extent) whenever the pool has none to spare. */
+#define SMALL_ALLOC 4096u
+#define SMALL_CAP (SMALL_ALLOC - sizeof(struct mux_chunk))
 
 size_t mux_queue_chunk_cap(void)
 {
     return CHUNK_CAP;
 }
 
-static struct mux_chunk *chunk_get(struct mux_queue_pool *p, size_t min)
+size_t mux_queue_small_cap(void)
+{
+    return SMALL_CAP;
+}
+
+/* A chunk of at least min bytes; a small one when fits (the bytes to
+ * append to an empty queue) is small too. */
+static struct mux_chunk *chunk_get(struct mux_queue_pool *p, size_t min, size_t fits)
 {
     size_t cap = min > CHUNK_CAP ? min : CHUNK_CAP;
     struct mux_chunk *k;
+
+    if (min <= SMALL_CAP && fits <= SMALL_CAP)
+        cap = SMALL_CAP;
 
     p->used = true;
     if (cap == CHUNK_CAP && p->free != NULL) {
@@ -62,7 +77,7 @@ int mux_queue_append(struct mux_queue *q, struct mux_queue_pool *p, const uint8_
         size_t take;
 
         if (k == NULL || k->tail == k->cap) {
-            k = chunk_get(p, q->head == NULL ? contig : 0);
+            k = chunk_get(p, q->head == NULL ? contig : 0, q->head == NULL ? len : SIZE_MAX);
             if (k == NULL)
                 return -1;
             if (q->tail != NULL)

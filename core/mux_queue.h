@@ -7,7 +7,10 @@
  *            0           head       tail cap
  *
  * Chunks are 64 KiB allocations (a jemalloc size class) taken from a small
- * per-tunnel pool, so a busy channel does not malloc per frame. A chunk
+ * per-tunnel pool, so a busy channel does not malloc per frame; an append
+ * of at most mux_queue_small_cap() bytes to an empty queue (a keep-alive
+ * request, an ack) takes a 4 KiB chunk instead, from the allocator's
+ * thread cache, never pooled. A chunk
  * leaves the queue when all its bytes are consumed. When a queue is empty,
  * an append may ask for a first chunk of at least `contig` bytes, so that
  * a whole first frame stays contiguous (mux_chan_peek); such big chunks
@@ -43,8 +46,9 @@ struct mux_queue_pool {
     bool used;                    /* a chunk was taken since the last tick */
 };
 
-/* Bytes of data one standard chunk holds. */
+/* Bytes of data one standard chunk holds; one small chunk. */
 size_t mux_queue_chunk_cap(void);
+size_t mux_queue_small_cap(void);
 
 /* Copy data[0..len) to the end of q. contig: when q is empty, its first
  * chunk holds at least that many bytes (0: standard size). Returns 0, or

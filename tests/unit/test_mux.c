@@ -2218,7 +2218,8 @@ Test(mux_queue, chunks_iov_consume, .timeout = 120)
 {
     struct mux_queue q = { 0 };
     struct mux_queue_pool p = { 0 };
-    size_t cap = mux_queue_chunk_cap(), n, total = 2 * cap + 100, i, got = 0;
+    size_t cap = mux_queue_chunk_cap(), small = mux_queue_small_cap(), n, total = 2 * cap + 100;
+    size_t i, got = 0;
     uint8_t *src = malloc(total), *dst = malloc(total);
     struct iovec iov[8];
     const uint8_t *h;
@@ -2230,15 +2231,16 @@ Test(mux_queue, chunks_iov_consume, .timeout = 120)
     cr_assert_eq(mux_queue_iov(&q, iov, 8), 0);
     for (i = 0; i < total; i++)
         src[i] = (uint8_t)(i * 7 + (i >> 10));
-    /* split appends across chunk boundaries */
+    /* split appends across chunk boundaries: 10 bytes to an empty queue
+     * take a small chunk, the rest standard ones */
     cr_assert_eq(mux_queue_append(&q, &p, src, 10, 0), 0);
     cr_assert_eq(mux_queue_append(&q, &p, src + 10, total - 10, 0), 0);
     cr_assert_eq(q.bytes, total);
     cnt = mux_queue_iov(&q, iov, 8);
     cr_assert_eq(cnt, 3);
-    cr_assert_eq(iov[0].iov_len, cap);
+    cr_assert_eq(iov[0].iov_len, small);
     cr_assert_eq(iov[1].iov_len, cap);
-    cr_assert_eq(iov[2].iov_len, 100);
+    cr_assert_eq(iov[2].iov_len, total - small - cap);
     cr_assert_eq(mux_queue_iov(&q, iov, 2), 2);
     /* consume in odd steps, checking the bytes at the head each time */
     while (q.bytes > 0) {
@@ -2256,15 +2258,19 @@ Test(mux_queue, chunks_iov_consume, .timeout = 120)
     cr_assert_eq(memcmp(src, dst, total), 0);
     cr_assert_null(q.head);
     cr_assert_null(q.tail);
-    cr_assert_eq(p.nfree, 3);               /* emptied chunks pooled */
-    /* the pool is reused, then trimmed when unused for a whole tick */
+    cr_assert_eq(p.nfree, 2);               /* standard chunks pooled, not the small */
+    /* a small append takes a small chunk, a bigger one a pooled chunk */
     cr_assert_eq(mux_queue_append(&q, &p, src, 1, 0), 0);
     cr_assert_eq(p.nfree, 2);
     mux_queue_clear(&q, &p);
+    cr_assert_eq(mux_queue_append(&q, &p, src, small + 1, 0), 0);
+    cr_assert_eq(p.nfree, 1);
+    cr_assert_eq(mux_queue_iov(&q, iov, 8), 1, "one standard chunk");
+    mux_queue_clear(&q, &p);
     cr_assert_eq(q.bytes, 0);
-    cr_assert_eq(p.nfree, 3);
+    cr_assert_eq(p.nfree, 2);
     mux_queue_pool_tick(&p);                /* used since the last tick */
-    cr_assert_eq(p.nfree, 3);
+    cr_assert_eq(p.nfree, 2);
     mux_queue_pool_tick(&p);
     cr_assert_eq(p.nfree, 0);
     cr_assert_null(p.free);
@@ -2386,5 +2392,7 @@ MUX_TEST(group_counters_shared)
     cr_assert_eq(mux_tally(f.c.m)->bytes_to_local, 3);
     cr_assert_lt(grp->rnd_pos, MUX_GROUP_RND, "padding drawn from the group's pool");
     fx_end(&f);
+    cr_assert_not_null(grp->spare_tx, "the send context went back to the group");
+    mux_group_fini(grp);
     free(grp);
 }

@@ -76,8 +76,6 @@
  * the tunnel is read again through the copy path: the added latency for
  * frames of other channels (or PINGs) behind a slow local reader. */
 #define MUX_SPLICE_WAIT_MS 20
-/* CSPRNG bytes buffered per tunnel for padding and ids: one RAND_bytes
- * call (and its getpid(2) fork check) per ~5 frames instead of each. */
 
 enum ctl_kind {
     CTL_PONG = 1,  /* reply to a PING request */
@@ -167,7 +165,6 @@ struct mux_tx {
 /* Kept small (an idle tunnel is little more than this): fields grouped
  * to avoid padding, 1024 bytes at most (a jemalloc size class; the
  * gateway's RSS per idle tunnel is measured by bench/ scenario 6). */
-
 struct mux {
     struct eng *e;
     struct mux_cfg cfg;

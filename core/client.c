@@ -249,6 +249,7 @@ static void fold(struct client *cl, const struct mux_stats *s)
                       s->bad_new - f->bad_new);
     metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
                       s->dropped_late - f->dropped_late);
+    metrics_inc(mt, 0, METRIC_TUNNEL_WRITES, s->batches - f->batches);
     *f = *s;
 }
 

@@ -186,6 +186,7 @@ void gw_tunnel_fold_all(struct gw_shard *sh)
                       st->bad_new - f->bad_new);
     metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
                       st->dropped_late - f->dropped_late);
+    metrics_inc(m, sh->idx, METRIC_TUNNEL_WRITES, st->batches - f->batches);
     *f = *st;
 }
 

@@ -107,6 +107,10 @@ static const struct metric_def defs[] = {
     [METRIC_FRAMES_DROPPED] = { "snitun_frames_dropped_total",
         "Multiplexer frames received and dropped, by reason.", TYPE_COUNTER, S | C, "reason",
         VALUES("unknown_id", "bad_new", "late"), false },
+    [METRIC_TUNNEL_WRITES] = { "snitun_tunnel_writes_total",
+        "Batches of frames written to tunnels (one sealed batch, one writev each); "
+        "snitun_frames_sent_total divided by this is the frames per write.", TYPE_COUNTER,
+        S | C, NULL, NULL, false },
     [METRIC_LIMIT_REJECTS] = { "snitun_limit_rejects_total",
         "Connections or channels refused by a configured limit.", TYPE_COUNTER, S | C,
         "limit", VALUES("connections", "tunnels", "channels", "handshakes", "fds", "tunnel_queue",

@@ -64,6 +64,8 @@ enum metric_id {
     METRIC_CHANNEL_CLOSES,        /* {reason} */
     METRIC_TUNNEL_CLOSES,         /* {reason} */
     METRIC_FRAMES_DROPPED,        /* {reason}: unknown_id, bad_new, late */
+    METRIC_TUNNEL_WRITES,         /* sealed batches written (frames per write
+                                     = frames sent / this) */
     METRIC_LIMIT_REJECTS,         /* {limit} */
     METRIC_ENGINE_INFO,           /* gauge {engine}: enum metrics_engine */
     METRIC_SHARDS,                /* gauge */

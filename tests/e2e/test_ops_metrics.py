@@ -250,6 +250,10 @@ def gateway_metrics_run(gw, port, io):
         "snitun_channels_opened_total": 1}, base)
     lag = time.time() - t0
     check(m["snitun_channels_open"] == 1, "channels_open 1 while open")
+    writes = m.get("snitun_tunnel_writes_total", 0) - base.get("snitun_tunnel_writes_total", 0)
+    sent = sum(m.get(S("snitun_frames_sent_total", type=x), 0) -
+               base.get(S("snitun_frames_sent_total", type=x), 0) for x in ("new", "data"))
+    check(1 <= writes <= sent, "tunnel writes %d within 1..%d frames sent" % (writes, sent))
     check(lag < LAG, "metrics caught up within %.1f s" % lag)
     base = m
     ping(t)   # skips the PAUSE/RESUME the slow device may have caused

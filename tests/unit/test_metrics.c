@@ -256,6 +256,10 @@ static const char client_text[] =
     "snitun_frames_dropped_total{reason=\"unknown_id\"} 0\n"
     "snitun_frames_dropped_total{reason=\"bad_new\"} 3\n"
     "snitun_frames_dropped_total{reason=\"late\"} 5\n"
+    "# HELP snitun_tunnel_writes_total Batches of frames written to tunnels (one sealed batch, "
+    "one writev each); snitun_frames_sent_total divided by this is the frames per write.\n"
+    "# TYPE snitun_tunnel_writes_total counter\n"
+    "snitun_tunnel_writes_total 0\n"
     "# HELP snitun_limit_rejects_total Connections or channels refused by a configured limit.\n"
     "# TYPE snitun_limit_rejects_total counter\n"
     "snitun_limit_rejects_total{limit=\"connections\"} 0\n"
@@ -389,8 +393,8 @@ Test(metrics, render_server, .init = setup_server, .fini = teardown)
         help++;
     for (const char *p = out; (p = strstr(p, "\n# TYPE ")) != NULL; p++)
         type++;
-    cr_assert_eq(help + 1, 25);
-    cr_assert_eq(type, 25);
+    cr_assert_eq(help + 1, 26);
+    cr_assert_eq(type, 26);
     cr_assert_eq(out[len - 1], '\n');
     free(out);
 }

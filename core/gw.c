@@ -225,8 +225,13 @@ static int open_listeners(struct gw *g, char *err, size_t errlen)
 
     for (unsigned s = 0; s < g->nshards; s++) {
         for (size_t i = 0; i < cfg->nlisten; i++) {
+            /* Both kinds of connection carry small interactive writes (a
+             * frame header, a TLS handshake flight); Nagle would hold them
+             * back for the peer's delayed ACK, 40 ms per channel open on
+             * loopback. Accepted sockets inherit TCP_NODELAY from the
+             * listener: one setsockopt here instead of one per accept. */
             struct sock_opts o = { .backlog = cfg->backlog, .reuseport = true,
-                                   .v6only = want_v6only(cfg, i) };
+                                   .v6only = want_v6only(cfg, i), .nodelay = true };
             char a[ADDR_STRLEN];
             int fd = sock_listen(&cfg->listen[i].addr, &o);
 
@@ -484,10 +489,7 @@ static void on_accept(struct eng_op *op, int res)
     char a[ADDR_STRLEN];
 
     if (res >= 0) {
-        /* Both kinds of connection carry small interactive writes (a frame
-         * header, a TLS handshake flight); Nagle would hold them back for
-         * the peer's delayed ACK, 40 ms per channel open on loopback. */
-        sock_nodelay(res, true);
+        /* TCP_NODELAY is inherited from the listener (open_listeners). */
         gw_conn_start(sh, l->cfg->kind, res, eng_accept_peer(op));
         return;
     }

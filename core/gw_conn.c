@@ -20,6 +20,9 @@
  * Invariants:
  *  - At most one recv (c->rd) and one send (c->wr, the challenge only) in
  *    flight; the fd is handed over only when neither is.
+ *  - The first bytes are read in gw_conn_start itself (eng_try_recv, no op
+ *    in flight yet): the client speaks first, so they are usually there,
+ *    and a ClientHello is routed in the accept's own turn.
  *  - One deadline timer: --handshake-timeout from accept until the
  *    ClientHello or token is complete, then --challenge-timeout.
  *  - The buffer holds everything read: c->buf[0..off) is the PROXY header,
@@ -492,16 +495,11 @@ static void conn_step(struct gw_conn *c)
 
 /* ---- callbacks ----------------------------------------------------------------- */
 
-static void on_read(struct eng_op *op, int res)
+/* res bytes were read into the buffer (or EOF, or -errno). */
+static void conn_got(struct gw_conn *c, int res)
 {
-    struct gw_conn *c = caa_container_of(op, struct gw_conn, rd);
     char detail[64];
 
-    c->rd_busy = false;
-    if (c->closing) {
-        conn_maybe_free(c);
-        return;
-    }
     if (res == 0) {
         conn_reject(c, GW_REJ_EOF, NULL);
         return;
@@ -513,6 +511,34 @@ static void on_read(struct eng_op *op, int res)
     }
     c->len += (size_t)res;
     conn_step(c);
+}
+
+static void on_read(struct eng_op *op, int res)
+{
+    struct gw_conn *c = caa_container_of(op, struct gw_conn, rd);
+
+    c->rd_busy = false;
+    if (c->closing) {
+        conn_maybe_free(c);
+        return;
+    }
+    conn_got(c, res);
+}
+
+/* The client speaks first on every listener, and by the time its
+ * connection is accepted its first bytes (a ClientHello, a token) have
+ * usually arrived: read them now and route in this turn, instead of
+ * arming a recv that would complete at once one turn later (each turn on
+ * the open path delays the NEW frame by a whole batch of work). */
+static void conn_first_read(struct gw_conn *c)
+{
+    size_t cap = stage_cap(c);
+    int res = eng_try_recv(c->sh->eng, c->fd, c->buf, cap < c->cap ? cap : c->cap);
+
+    if (res == -EAGAIN)
+        conn_read(c);
+    else
+        conn_got(c, res);
 }
 
 static void on_sent(struct eng_op *op, int res)
@@ -635,5 +661,5 @@ void gw_conn_start(struct gw_shard *sh, enum gw_listen_kind kind, int fd,
         return;
     }
     eng_timer_add(sh->eng, &c->deadline, cfg->handshake_ms);
-    conn_read(c);
+    conn_first_read(c);
 }

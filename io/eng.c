@@ -204,10 +204,18 @@ int eng_pipe_get(struct eng *e, int p[2])
     return cap;
 }
 
+static void forget(struct eng *e, int fd, bool close_it);
+
+/* Pipes are closed at once, not batched into the next turn as sockets are
+ * on io_uring: they are few (one per splice session), and a caller that
+ * gives one back may be counting its fds. */
 void eng_pipe_put(struct eng *e, const int p[2])
 {
-    eng_close(e, p[0]);
-    eng_close(e, p[1]);
+    for (int i = 0; i < 2; i++) {
+        forget(e, p[i], false);
+        if (p[i] >= 0)
+            close(p[i]);
+    }
 }
 
 static void pool_fini(struct eng *e)
@@ -753,6 +761,21 @@ static void forget(struct eng *e, int fd, bool close_it)
         ENG_BUG_ON(s->rd != NULL || s->wr != NULL); /* op in flight on fd */
     }
     e->be->forget(e, fd, close_it);
+}
+
+int eng_try_recv(struct eng *e, int fd, void *buf, size_t len)
+{
+    ssize_t n;
+
+    ENG_BUG_ON(fd >= 0 && (size_t)fd < e->nslots && eng_slot(e, fd)->rd != NULL);
+    if (len > INT_MAX)
+        len = INT_MAX;
+    do {
+        n = recv(fd, buf, len, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    return (int)n;
 }
 
 void eng_close(struct eng *e, int fd)

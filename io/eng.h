@@ -26,8 +26,9 @@
  *    be restarted, or its object torn down (see Ownership).
  *  - The engine never allocates per operation. What grows with load is a
  *    per-engine table indexed by fd and, on epoll, the list of fds to
- *    register (both amortised, both kept), and the pools of picked receive
- *    buffers (eng_recv_pick; a bounded number of spares is kept).
+ *    register (on io_uring, the queue of fds to close next turn; all
+ *    amortised, all kept), and the pools of picked receive buffers
+ *    (eng_recv_pick; a bounded number of spares is kept).
  *
  * ---- Ownership (the rule every caller must keep) ----------------------------
  *  - Buffers and iovec arrays passed to an operation are BORROWED until its
@@ -342,6 +343,14 @@ static inline const struct net_addr *eng_accept_peer(const struct eng_op *op)
  * len must be 1..INT_MAX (larger is clamped). */
 void eng_recv(struct eng *e, struct eng_op *op, int fd, void *buf, size_t len);
 
+/* recv(2) right now, without an op and without waiting: for a caller
+ * that expects the bytes to be there already (a connection just accepted:
+ * the client spoke first) and would otherwise spend a loop turn arming a
+ * recv that completes at once. res: bytes (1..len), 0 = EOF, -EAGAIN when
+ * nothing is there yet (then start eng_recv), or -errno. No read-side op
+ * may be in flight on fd (abort). len 1..INT_MAX. */
+int eng_try_recv(struct eng *e, int fd, void *buf, size_t len);
+
 /* recv(2) of at most len bytes into a buffer the ENGINE picks. len up to
  * ENG_PBUF_SMALL: a small buffer picked when data is there (io_uring:
  * provided buffer ring; epoll: its pool, after readiness), so an idle
@@ -430,7 +439,11 @@ void eng_connect(struct eng *e, struct eng_op *op, int fd, const struct net_addr
  * alone (its callback is coming or has run). Never runs a callback itself. */
 void eng_cancel(struct eng_op *op);
 
-/* close(2) fd and forget its engine state. No op may be in flight on it. */
+/* close(2) fd and forget its engine state. No op may be in flight on it.
+ * io_uring: the close is queued and submitted with the next turn's batch
+ * (IORING_OP_CLOSE, one syscall less per connection); until then the fd
+ * number stays taken, so it cannot be reused early. eng_free() closes what
+ * is still queued. epoll: at once. */
 void eng_close(struct eng *e, int fd);
 
 /* Forget fd without closing it (cross-shard handoff: the sender forgets,

@@ -4,8 +4,15 @@
  * ASYNC_CANCEL SQE per cancelled op), one io_uring_enter submits them and
  * waits, and the CQ is reaped as one batch (io_uring_for_each_cqe +
  * io_uring_cq_advance). user_data is the op pointer; 0 marks our cancel
- * SQEs, LIBURING_UDATA_TIMEOUT liburing's own wait timeout on kernels
- * without IORING_FEAT_EXT_ARG. Both are ignored when reaped.
+ * and close SQEs, LIBURING_UDATA_TIMEOUT liburing's own wait timeout on
+ * kernels without IORING_FEAT_EXT_ARG. Both are ignored when reaped.
+ *
+ * eng_close() queues the fd and the next turn closes it with an
+ * IORING_OP_CLOSE SQE in the same io_uring_enter as the rest of the batch:
+ * a channel costs one close(2) syscall less at each end (the fd number
+ * stays taken until then, so nothing can reuse it early). Before the ring
+ * is enabled, without the opcode, or when the queue cannot grow, close(2)
+ * runs at once; eng_free closes what is still queued.
  */
 #include "io/eng_impl.h"
 
@@ -31,10 +38,13 @@ struct eng_uring {
     uint8_t *pbase;               /* ENG_RING_BUFS * ENG_PBUF_SMALL bytes */
     size_t brlen;                 /* bytes mapped for br */
     struct cds_list_head cancels; /* ops whose cancel SQE is still to make */
+    int *closes;                  /* fds eng_close()d, closed next turn */
+    size_t nclose, capclose;
     unsigned inflight;            /* ops the kernel holds */
     unsigned flags;               /* setup flags that worked */
     bool enabled;                 /* ring enabled by its owner thread */
     bool multishot;               /* multishot accept works */
+    bool op_close;                /* IORING_OP_CLOSE is there */
 };
 
 static struct eng_uring *ur(struct eng *e)
@@ -112,6 +122,7 @@ static int ur_check_ops(struct eng_uring *u, char *why, size_t whylen)
 
     if (p == NULL)
         return 0; /* probing itself is new; FAST_POLL was checked already */
+    u->op_close = io_uring_opcode_supported(p, IORING_OP_CLOSE);
     for (size_t i = 0; i < sizeof(ur_needed_ops) / sizeof(ur_needed_ops[0]); i++) {
         if (!io_uring_opcode_supported(p, ur_needed_ops[i].op)) {
             snprintf(why, whylen, "io_uring refused: kernel lacks IORING_OP_%s",
@@ -298,6 +309,14 @@ static void ur_drain(struct eng_uring *u)
     }
 }
 
+/* Closes still queued (the ring never got to them): close(2) now. */
+static void ur_close_queued(struct eng_uring *u)
+{
+    for (size_t i = 0; i < u->nclose; i++)
+        close(u->closes[i]);
+    u->nclose = 0;
+}
+
 static void ur_fini(struct eng *e)
 {
     struct eng_uring *u = ur(e);
@@ -307,6 +326,9 @@ static void ur_fini(struct eng *e)
         ur_drain(u);
     io_uring_queue_exit(&u->ring);
     ur_ring_fini(u);
+    ur_close_queued(u);
+    free(u->closes);
+    u->closes = NULL;
 }
 
 /* ---- Submission ------------------------------------------------------------ */
@@ -407,6 +429,17 @@ static void ur_flush(struct eng_uring *u)
         op->state = ENG_OS_ACTIVE;
         u->inflight++;
     }
+    for (size_t i = 0; i < u->nclose; i++) {
+        if ((sqe = ur_sqe(u)) == NULL) {
+            close(u->closes[i]); /* SQ full even after a submit */
+            continue;
+        }
+        io_uring_prep_close(sqe, u->closes[i]);
+        io_uring_sqe_set_data64(sqe, 0);
+        if (u->ring.features & IORING_FEAT_CQE_SKIP)
+            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    }
+    u->nclose = 0;
     while (!cds_list_empty(&u->cancels) && (sqe = ur_sqe(u)) != NULL) {
         struct eng_op *op = cds_list_first_entry(&u->cancels, struct eng_op, link);
         cds_list_del(&op->link);
@@ -667,9 +700,26 @@ static void ur_cancel(struct eng *e, struct eng_op *op)
     cds_list_add_tail(&op->link, &u->cancels);
 }
 
+/* Queue fd for the next turn's batch (see the top of the file). */
+static bool ur_close_later(struct eng_uring *u, int fd)
+{
+    if (!u->enabled || !u->op_close)
+        return false;
+    if (u->nclose == u->capclose) {
+        size_t n = u->capclose ? u->capclose * 2 : 64;
+        int *v = realloc(u->closes, n * sizeof(*v));
+        if (v == NULL)
+            return false;
+        u->closes = v;
+        u->capclose = n;
+    }
+    u->closes[u->nclose++] = fd;
+    return true;
+}
+
 static void ur_forget(struct eng *e, int fd, bool close_it)
 {
-    if (close_it)
+    if (close_it && !ur_close_later(ur(e), fd))
         close(fd);
 }
 

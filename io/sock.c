@@ -53,7 +53,11 @@ int sock_listen(const struct net_addr *a, const struct sock_opts *o)
         rc = setint(fd, SOL_SOCKET, SO_REUSEPORT, 1);
     if (rc == 0 && a->family == AF_INET6)
         rc = setint(fd, IPPROTO_IPV6, IPV6_V6ONLY, o->v6only);
-    if (rc == 0) /* accepted sockets inherit the buffer sizes */
+    /* Accepted sockets inherit TCP_NODELAY and the buffer sizes from the
+     * listener: set here once, not once per connection. */
+    if (rc == 0 && o->nodelay)
+        rc = sock_nodelay(fd, true);
+    if (rc == 0)
         rc = sock_bufsize(fd, o->rcvbuf, o->sndbuf);
     if (rc < 0)
         return fail(fd, rc);

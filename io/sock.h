@@ -16,15 +16,18 @@ struct sock_opts {
     int backlog;    /* listen(2) backlog; 0 = SOMAXCONN */
     bool reuseport; /* SO_REUSEPORT: one listener per shard on one port */
     bool v6only;    /* AF_INET6 listeners: IPV6_V6ONLY (false = dual stack) */
-    bool nodelay;   /* TCP_NODELAY on sock_stream() sockets */
+    bool nodelay;   /* TCP_NODELAY on sock_stream() sockets, and on
+                       sock_listen() sockets: accepted ones inherit it
+                       (Linux), which saves a setsockopt per connection */
     int rcvbuf;     /* SO_RCVBUF / SO_SNDBUF in bytes; 0 = kernel default */
     int sndbuf;
 };
 
 /* A listening TCP socket bound to a (port 0 = any free port; read it back
  * with sock_local()). Always SO_REUSEADDR, so a restart does not wait for
- * TIME_WAIT. o may be NULL (defaults: all zero). fd or -errno
- * (-EAFNOSUPPORT for an AF_UNSPEC address). */
+ * TIME_WAIT. o may be NULL (defaults: all zero). Accepted sockets inherit
+ * o's nodelay and buffer sizes. fd or -errno (-EAFNOSUPPORT for an
+ * AF_UNSPEC address). */
 int sock_listen(const struct net_addr *a, const struct sock_opts *o);
 
 /* An unconnected TCP socket of `family` (AF_INET, AF_INET6) for

@@ -1717,6 +1717,118 @@ Test(eng_epoll, restart_op_in_flight_aborts, .signal = SIGABRT, .timeout = TEST_
     eng_recv(e, &r.op, sv[1], buf, sizeof(buf));
 }
 
+/* ---- eng_try_recv and the batched close ------------------------------------ */
+
+/* What is there now, -EAGAIN when nothing is, 0 at EOF; never a callback. */
+ENG_TEST(try_recv_reads_what_is_there)
+{
+    struct eng *e = mk(kind);
+    const struct eng_stats *st = eng_stats(e);
+    int sv[2];
+    char buf[8];
+    struct rec r;
+
+    nb_pair(sv);
+    cr_assert_eq(eng_try_recv(e, sv[0], buf, sizeof(buf)), -EAGAIN);
+    cr_assert_eq(write(sv[1], "hello", 5), 5);
+    cr_assert_eq(eng_try_recv(e, sv[0], buf, 3), 3);
+    cr_assert_eq(memcmp(buf, "hel", 3), 0);
+    cr_assert_eq(eng_try_recv(e, sv[0], buf, sizeof(buf)), 2);
+    cr_assert_eq(memcmp(buf, "lo", 2), 0);
+    cr_assert_eq(eng_try_recv(e, sv[0], buf, sizeof(buf)), -EAGAIN);
+    /* After -EAGAIN the caller arms a recv; it gets the next bytes. */
+    rec_init(&r);
+    eng_recv(e, &r.op, sv[0], buf, sizeof(buf));
+    cr_assert_eq(write(sv[1], "x", 1), 1);
+    cr_assert(run_until(e, &r.done, 3000));
+    cr_assert_eq(r.res, 1);
+    cr_assert_eq(buf[0], 'x');
+    close(sv[1]);
+    cr_assert_eq(eng_try_recv(e, sv[0], buf, sizeof(buf)), 0);
+    cr_assert_eq(eng_try_recv(e, -1, buf, sizeof(buf)), -EBADF);
+    cr_assert_eq(st->submitted, 1); /* the tries were no ops */
+    cr_assert_eq(st->completed, 1);
+    eng_close(e, sv[0]);
+    eng_free(e);
+}
+
+/* A try while a recv is in flight would race it: a caller bug, abort. */
+Test(eng_epoll, try_recv_with_recv_in_flight_aborts, .signal = SIGABRT, .timeout = TEST_TIMEOUT)
+{
+    struct eng *e = mk(ENG_EPOLL);
+    int sv[2];
+    char buf[8];
+    struct rec r;
+
+    nb_pair(sv);
+    rec_init(&r);
+    eng_recv(e, &r.op, sv[0], buf, sizeof(buf));
+    eng_try_recv(e, sv[0], buf, sizeof(buf));
+}
+
+static bool fd_open(int fd)
+{
+    return fcntl(fd, F_GETFD) >= 0;
+}
+
+/* io_uring batches eng_close into the next turn's submission; epoll closes
+ * at once. Either way the peer sees EOF by the end of the next turn, the
+ * fd number is not reused before the close, and eng_free closes whatever
+ * is still queued. */
+ENG_TEST(close_is_done_by_the_next_turn)
+{
+    struct eng *e = mk(kind);
+    int sv[2], tv[2], again[2];
+    char buf[4];
+
+    nb_pair(sv);
+    nb_pair(tv);
+    cr_assert_geq(eng_run_once(e, 0), 0); /* a turn: the ring is enabled */
+    eng_close(e, sv[0]);
+    if (kind == ENG_URING) {
+        cr_assert(fd_open(sv[0]), "closed before the turn");
+        /* The number is still taken: a new fd gets another one. */
+        nb_pair(again);
+        cr_assert_neq(again[0], sv[0]);
+        cr_assert_neq(again[1], sv[0]);
+        close(again[0]);
+        close(again[1]);
+    } else {
+        cr_assert_not(fd_open(sv[0]));
+    }
+    cr_assert_geq(eng_run_once(e, 0), 0);
+    cr_assert_not(fd_open(sv[0]));
+    cr_assert_eq(read(sv[1], buf, sizeof(buf)), 0); /* EOF */
+    close(sv[1]);
+
+    /* Queued, then the engine is freed without another turn. */
+    eng_close(e, tv[0]);
+    eng_free(e);
+    cr_assert_not(fd_open(tv[0]));
+    cr_assert_eq(read(tv[1], buf, sizeof(buf)), 0);
+    close(tv[1]);
+}
+
+/* More closes in one turn than the io_uring close queue first holds. */
+ENG_TEST(many_closes_in_one_turn)
+{
+    struct eng *e = mk(kind);
+    enum { N = 200 };
+    int fds[N][2];
+
+    cr_assert_geq(eng_run_once(e, 0), 0);
+    for (int i = 0; i < N; i++) {
+        nb_pair(fds[i]);
+        eng_close(e, fds[i][0]);
+    }
+    cr_assert_geq(eng_run_once(e, 0), 0);
+    for (int i = 0; i < N; i++) {
+        cr_assert_not(fd_open(fds[i][0]), "fd %d (#%d) still open", fds[i][0], i);
+        close(fds[i][1]);
+    }
+    eng_free(e);
+}
+
 /* ---- Engine selection ------------------------------------------------------ */
 
 Test(eng_select, auto_falls_back_with_env, .timeout = TEST_TIMEOUT)
@@ -1802,6 +1914,41 @@ Test(sock, listen_options)
     cr_assert_eq(getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v, &len), 0);
     cr_assert_eq(v, 0);
     close(fd);
+}
+
+/* nodelay on a listener: set once, and every accepted socket has it. */
+Test(sock, listener_nodelay_is_inherited)
+{
+    struct net_addr a = loopback(0), got;
+    int lfd = sock_listen(&a, &(struct sock_opts){ .nodelay = true }), cfd, afd, v = 0;
+    socklen_t len = sizeof(v);
+    struct sockaddr_storage ss;
+    socklen_t sl;
+
+    cr_assert_geq(lfd, 0, "%s", strerror(-lfd));
+    cr_assert_eq(getsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &v, &len), 0);
+    cr_assert_eq(v, 1);
+    cr_assert_eq(sock_local(lfd, &got), 0);
+    sl = addr_to_sockaddr(&got, &ss);
+    cfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    cr_assert_geq(cfd, 0);
+    cr_assert_eq(connect(cfd, (struct sockaddr *)&ss, sl), 0);
+    for (int i = 0; i < 300 && (afd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0; i++)
+        usleep(10000); /* the listener is non-blocking */
+    cr_assert_geq(afd, 0, "accept: %s", strerror(errno));
+    v = 0;
+    cr_assert_eq(getsockopt(afd, IPPROTO_TCP, TCP_NODELAY, &v, &len), 0);
+    cr_assert_eq(v, 1);
+    close(afd);
+    close(cfd);
+    close(lfd);
+
+    /* Without it, the listener (and what it accepts) keeps Nagle. */
+    lfd = sock_listen(&a, NULL);
+    cr_assert_geq(lfd, 0);
+    cr_assert_eq(getsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &v, &len), 0);
+    cr_assert_eq(v, 0);
+    close(lfd);
 }
 
 Test(sock, reuseport_allows_two_listeners)

@@ -214,3 +214,60 @@ Test(gw_conn_deadline, nothing_sent_is_timeout)
     fixture_down(&f);
     json_decref(doc);
 }
+
+/* ---- the first read at accept ------------------------------------------------ */
+
+/* Bytes that are already there when a connection is accepted are read and
+ * judged in the accept itself (gw_conn_start), not one loop turn later:
+ * garbage on the single port is rejected before any turn runs, with the
+ * same single counter and the connection closed with nothing sent. A
+ * connection with nothing there yet waits for its bytes as before. */
+Test(gw_conn_first_read, bytes_there_at_accept_are_judged_at_once)
+{
+    json_t *doc = tu_load_json("fernet.json");
+    struct net_addr peer = { .family = AF_INET, .port = 40000, .ip = { 192, 0, 2, 9 } };
+    struct gw_test_counts n;
+    struct fixture f;
+    const struct gw_ctr *c;
+    int sv[2];
+    char b;
+
+    fixture_up(&f, doc);
+    c = &f.g->shards[0].ctr;
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+    cr_assert_eq(send(sv[0], "GET / HTTP/1.1\r\n", 16, 0), 16);
+    gw_test_adopt(f.g, GW_L_SINGLE, sv[1], &peer);
+    cr_assert_eq(c->rej[GW_REJ_GARBAGE], 1, "not judged at accept");
+    cr_assert_eq(recv(sv[0], &b, 1, 0), 0, "closed with nothing sent");
+    close(sv[0]);
+    quiet(f.g);
+    gw_test_counts(f.g, &n);
+    cr_assert_eq(n.conns, 0);
+
+    /* Nothing there yet: no verdict until the bytes come. */
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+    gw_test_adopt(f.g, GW_L_SINGLE, sv[1], &peer);
+    quiet(f.g);
+    gw_test_counts(f.g, &n);
+    cr_assert_eq(n.conns, 1);
+    cr_assert_eq(c->rej[GW_REJ_GARBAGE], 1);
+    cr_assert_eq(send(sv[0], "GET", 3, 0), 3);
+    quiet(f.g);
+    cr_assert_eq(c->rej[GW_REJ_GARBAGE], 2);
+    cr_assert_eq(recv(sv[0], &b, 1, 0), 0, "closed with nothing sent");
+    close(sv[0]);
+    quiet(f.g);
+    gw_test_counts(f.g, &n);
+    cr_assert_eq(n.conns, 0);
+
+    /* EOF there at accept: the same verdict as EOF read later. */
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+    close(sv[0]);
+    gw_test_adopt(f.g, GW_L_PEER, sv[1], &peer);
+    cr_assert_eq(c->rej[GW_REJ_EOF], 1);
+    quiet(f.g);
+    gw_test_counts(f.g, &n);
+    cr_assert_eq(n.conns, 0);
+    fixture_down(&f);
+    json_decref(doc);
+}

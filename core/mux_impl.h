@@ -49,8 +49,10 @@
  * - Idle memory: a tunnel with nothing in flight holds no receive buffer
  *   (the engine picks one when data arrives and it goes back at the end of
  *   the callback, unless the decoder stalls: then the rest is copied), no
- *   decoder (allocated while a frame is split across reads), no tx context
- *   (batch, control frames: allocated while something is to be sent).
+ *   decoder (taken while a frame is split across reads), no tx context
+ *   (batch, control frames: taken while something is to be sent; both
+ *   come from and go back to the group's spare slot, else the heap), and
+ *   with no channel no cipher context either (tc_park, mux_park_if_quiet).
  * - Splice (see mux.h): a channel's spliced payloads wait in its own pipe
  *   in read order (out[] entries without a buffer; pipe.n counts their
  *   bytes); in a batch each is a placeholder iovec (&tx->mark) that

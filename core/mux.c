@@ -167,7 +167,7 @@ struct mux_chan *mux_chan_new(struct mux *m, const uint8_t id[FRAME_ID_LEN],
     cds_list_add_tail(&c->all, &m->all);
     m->nchan++;
     m->nobj++;
-    m->st->chan_opened++;
+    m->cfg.group->st.chan_opened++;
     m->tally.chan_opened++;
     return c;
 }
@@ -232,7 +232,7 @@ void mux_chan_end(struct mux_chan *c, enum mux_reason why, bool send_close, bool
     c->why = why;
     if (m->spl_wait == c)
         mspl_wait_end(m);
-    m->st->chan_closed[why]++;
+    m->cfg.group->st.chan_closed[why]++;
     tdelete(c, &m->root, id_cmp);
     if (why != MUX_R_PEER_CLOSE)
         late_add(m, c->id);
@@ -351,9 +351,9 @@ static void free_cb(struct eng_defer *d)
     mrx_release(m);
     mspl_end(m);
     if (m->dec != NULL)
-        mrx_dec_put(m->cfg.group, m->dec);
+        spare_put(&m->cfg.group->spare_dec, m->dec);
     if (m->tx != NULL)
-        mtx_put(m->cfg.group, m->tx);
+        spare_put(&m->cfg.group->spare_tx, m->tx);
     if (m->own != NULL)
         mux_group_fini(m->own);
     free(m->own);
@@ -440,7 +440,6 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
         mux_group_init(m->own);
         m->cfg.group = m->own;
     }
-    m->st = &m->cfg.group->st;
     if (m->cfg.read_size == 0 || m->cfg.read_size > ENG_PBUF_BIG)
         m->cfg.read_size = ENG_PBUF_BIG;
     /* A queue chunk holds a PENDING channel's whole first frame: keep any
@@ -498,7 +497,7 @@ struct mux_chan *mux_chan_open(struct mux *m, int fd, const struct net_addr *cal
 
     if (m->closing || n > FRAME_MAX_DATA ||
         (m->cfg.max_channels > 0 && m->nchan >= m->cfg.max_channels)) {
-        m->st->chan_closed[MUX_R_LIMIT] += m->closing ? 0 : 1;
+        m->cfg.group->st.chan_closed[MUX_R_LIMIT] += m->closing ? 0 : 1;
         eng_close(m->e, fd);
         return NULL;
     }
@@ -527,7 +526,7 @@ struct mux_chan *mux_chan_open(struct mux *m, int fd, const struct net_addr *cal
         memcpy(o.buf, first, n);
         o.len = (uint32_t)n;
         c->out[c->out_n++] = o;
-        m->st->bytes_from_local += n;
+        m->cfg.group->st.bytes_from_local += n;
         m->tally.bytes_from_local += n;
     }
     mtx_ready_add(c);
@@ -626,7 +625,7 @@ size_t mux_channels(const struct mux *m)
 
 const struct mux_stats *mux_stats(const struct mux *m)
 {
-    return m->st;
+    return &m->cfg.group->st;
 }
 
 const struct mux_tally *mux_tally(const struct mux *m)

@@ -254,12 +254,10 @@ struct mux_stats {
  * a busy tunnel takes and returns them every turn. Owned by the role
  * (e.g. one per gateway shard); must outlive its tunnels. */
 #define MUX_GROUP_RND 1024
-struct mux_tx;
-struct frame_dec;
 struct mux_group {
     struct mux_stats st;
-    struct mux_tx *spare_tx;
-    struct frame_dec *spare_dec;
+    void *spare_tx;               /* a struct mux_tx, or NULL */
+    void *spare_dec;              /* a struct frame_dec, or NULL */
     uint32_t rnd_pos;
     uint8_t rnd[MUX_GROUP_RND];
 };

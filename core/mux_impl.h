@@ -222,7 +222,6 @@ struct mux {
     uint64_t last_act, next_ping, pong_deadline;
     struct eng_op rd, wr;
     struct eng_defer flush_d, start_d, dead_d, free_d;
-    struct mux_stats *st;     /* &group->st */
     struct mux_group *own;    /* the group allocated when cfg had none */
     struct mux_tally tally;
     struct frame_enc enc;
@@ -296,6 +295,25 @@ static inline void out_release(struct mux *m, struct mux_out *o)
     o->buf = NULL;
 }
 
+/* A group's spare slot (struct mux_group): the object in it, or a new
+ * one of size bytes (NULL when out of memory); putting back fills an empty
+ * slot, else frees. */
+static inline void *spare_take(void **slot, size_t size)
+{
+    void *p = *slot != NULL ? *slot : malloc(size);
+
+    *slot = NULL;
+    return p;
+}
+
+static inline void spare_put(void **slot, void *p)
+{
+    if (*slot == NULL)
+        *slot = p;
+    else
+        free(p);
+}
+
 static inline void pipe_init(struct mux_pipe *p)
 {
     *p = (struct mux_pipe){ .fd = { -1, -1 } };
@@ -361,8 +379,6 @@ void mtx_ctl_push(struct mux *m, enum ctl_kind kind, const uint8_t id[FRAME_ID_L
 void mtx_schedule_flush(struct mux *m);
 /* The tunnel send's callback (m->wr). */
 void mtx_cb(struct eng_op *op, int res);
-/* Give a tx context back to the group (or free it). */
-void mtx_put(struct mux_group *g, struct mux_tx *tx);
 
 /* ---- mux_rx.c ------------------------------------------------------------- */
 
@@ -374,8 +390,6 @@ void mrx_cb(struct eng_op *op, int res);
 void mrx_start_cb(struct eng_defer *d);
 /* Give the receive buffer back. */
 void mrx_release(struct mux *m);
-/* Give a decoder back to the group (or free it). */
-void mrx_dec_put(struct mux_group *g, struct frame_dec *d);
 /* PAUSE the peer once c's incoming queue crosses in_high. */
 void mrx_chan_water(struct mux *m, struct mux_chan *c);
 /* Start a local send of c's prefix and queue, unless one is in flight. */

@@ -86,7 +86,7 @@ void mrx_chan_wr_cb(struct eng_op *op, int res)
         c->nprefix = c->wr_prefix = 0;
     }
     mux_queue_consume(&c->q, &m->pool, n);
-    m->st->bytes_to_local += n;
+    m->cfg.group->st.bytes_to_local += n;
     m->tally.bytes_to_local += n;
     c->last_act = now_ms(m);
     if (c->q.bytes == 0) {
@@ -122,11 +122,11 @@ static void drop_unknown(struct mux *m, const uint8_t id[FRAME_ID_LEN])
 {
     for (unsigned i = 0; i < m->late_n; i++) {
         if (memcmp(m->late[i], id, FRAME_ID_LEN) == 0) {
-            m->st->dropped_late++;
+            m->cfg.group->st.dropped_late++;
             return;
         }
     }
-    m->st->dropped_unknown_id++;
+    m->cfg.group->st.dropped_unknown_id++;
 }
 
 static void biggest_walk(const void *node, VISIT which, void *ctx)
@@ -148,7 +148,7 @@ static void tunnel_overflow(struct mux *m)
     twalk_r(m->root, biggest_walk, &best);
     if (best == NULL)
         return;
-    m->st->tunnel_overflows++;
+    m->cfg.group->st.tunnel_overflows++;
     mux_chan_end(best, MUX_R_QUEUE_LIMIT, true, false);
 }
 
@@ -194,19 +194,19 @@ static void on_new(struct mux *m, const struct frame_ev *ev)
         return;
     }
     if (ev->bad_block) {
-        m->st->bad_new++;
+        m->cfg.group->st.bad_new++;
         mtx_ctl_push(m, CTL_CLOSE, ev->id);
         return;
     }
     if (m->hooks.on_new == NULL ||
         (m->cfg.max_channels > 0 && m->nchan >= m->cfg.max_channels)) {
-        m->st->chan_closed[m->hooks.on_new == NULL ? MUX_R_REFUSED : MUX_R_LIMIT]++;
+        m->cfg.group->st.chan_closed[m->hooks.on_new == NULL ? MUX_R_REFUSED : MUX_R_LIMIT]++;
         mtx_ctl_push(m, CTL_CLOSE, ev->id);
         return;
     }
     c = mux_chan_new(m, ev->id, &ev->caller);
     if (c == NULL) {
-        m->st->chan_closed[MUX_R_LIMIT]++;
+        m->cfg.group->st.chan_closed[MUX_R_LIMIT]++;
         mtx_ctl_push(m, CTL_CLOSE, ev->id);
         return;
     }
@@ -217,7 +217,7 @@ static void on_frame(struct mux *m, const struct frame_ev *ev)
 {
     struct mux_chan *c;
 
-    m->st->frames_in[flow_index(ev->flow)]++;
+    m->cfg.group->st.frames_in[flow_index(ev->flow)]++;
     switch (ev->flow) {
     case FRAME_NEW:
         on_new(m, ev);
@@ -284,25 +284,13 @@ static int rx_keep(struct mux *m)
 
 static int dec_get(struct mux *m)
 {
-    struct mux_group *g = m->cfg.group;
-
     if (m->dec != NULL)
         return 0;
-    m->dec = g->spare_dec != NULL ? g->spare_dec : malloc(sizeof(*m->dec));
-    g->spare_dec = NULL;
+    m->dec = spare_take(&m->cfg.group->spare_dec, sizeof(*m->dec));
     if (m->dec == NULL)
         return -1;
     frame_dec_init(m->dec, m->open, m->cfg.version, m->cfg.max_frame);
     return 0;
-}
-
-/* Give a decoder to the group's spare slot, or free it. */
-void mrx_dec_put(struct mux_group *g, struct frame_dec *d)
-{
-    if (g->spare_dec == NULL)
-        g->spare_dec = d;
-    else
-        free(d);
 }
 
 /* Everything read is decoded: give the buffer back, drop the decoder if
@@ -315,7 +303,7 @@ static void rx_arm(struct mux *m)
 
     mrx_release(m);
     if (m->dec != NULL && m->dec->state == m->dec_boundary && m->dec->have == 0) {
-        mrx_dec_put(m->cfg.group, m->dec);
+        spare_put(&m->cfg.group->spare_dec, m->dec);
         m->dec = NULL;
     }
     m->rx_hdr = false;
@@ -363,10 +351,10 @@ void mrx_process(struct mux *m)
         m->last_act = now_ms(m);
         if (ev.kind == FRAME_EV_DATA) {
             if (ev.offset == 0)
-                m->st->frames_in[flow_index(FRAME_DATA)]++;
+                m->cfg.group->st.frames_in[flow_index(FRAME_DATA)]++;
             on_data(m, &ev);
         } else if (ev.kind == FRAME_EV_UNKNOWN) {
-            m->st->frames_in[flow_index(ev.flow)]++;
+            m->cfg.group->st.frames_in[flow_index(ev.flow)]++;
         } else {
             on_frame(m, &ev);
         }

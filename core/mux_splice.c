@@ -86,7 +86,7 @@ bool mspl_start(struct mux *m)
         return false;
     /* Nothing of it was decoded: the frame is counted here. */
     if (left == m->dec->size)
-        m->st->frames_in[flow_index(FRAME_DATA)]++;
+        m->cfg.group->st.frames_in[flow_index(FRAME_DATA)]++;
     mrx_release(m);
     m->spl_c = c;
     c->spl_wr = true;
@@ -172,7 +172,7 @@ static void spl_out_cb(struct eng_op *op, int res)
     c->wr.cb = mrx_chan_wr_cb;
     if (res > 0) {
         m->pipe.n -= (uint32_t)res;
-        m->st->bytes_to_local += (uint64_t)res;
+        m->cfg.group->st.bytes_to_local += (uint64_t)res;
         m->tally.bytes_to_local += (uint64_t)res;
         c->last_act = now_ms(m);
     }

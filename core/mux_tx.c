@@ -35,11 +35,8 @@ static void chan_out_done(struct mux_chan *c, bool sent)
 
 static struct mux_tx *tx_get(struct mux *m)
 {
-    struct mux_group *g = m->cfg.group;
-
     if (m->tx == NULL) {
-        m->tx = g->spare_tx != NULL ? g->spare_tx : malloc(sizeof(*m->tx));
-        g->spare_tx = NULL;
+        m->tx = spare_take(&m->cfg.group->spare_tx, sizeof(*m->tx));
         if (m->tx == NULL)
             return NULL;
         m->tx->nchans = 0;
@@ -49,21 +46,12 @@ static struct mux_tx *tx_get(struct mux *m)
     return m->tx;
 }
 
-/* Give a tx context to the group's spare slot, or free it. */
-void mtx_put(struct mux_group *g, struct mux_tx *tx)
-{
-    if (g->spare_tx == NULL)
-        g->spare_tx = tx;
-    else
-        free(tx);
-}
-
 /* Give the tx context back once nothing is in flight or waiting. */
 static void tx_trim(struct mux *m)
 {
     if (m->tx == NULL || m->tx_busy || m->tx->ctl_n > 0 || !cds_list_empty(&m->ready))
         return;
-    mtx_put(m->cfg.group, m->tx);
+    spare_put(&m->cfg.group->spare_tx, m->tx);
     m->tx = NULL;
 }
 
@@ -163,7 +151,7 @@ void mtx_chan_rd_cb(struct eng_op *op, int res)
         }
         c->rd_last = (uint32_t)res;
         c->last_act = now_ms(m);
-        m->st->bytes_from_local += (uint64_t)res;
+        m->cfg.group->st.bytes_from_local += (uint64_t)res;
         m->tally.bytes_from_local += (uint64_t)res;
         mtx_ready_add(c);
     } else if (res == 0) {
@@ -194,9 +182,9 @@ static int chan_emit(struct mux *m, struct mux_chan *c, size_t *bytes)
         flow = c->pause_sent ? FRAME_PAUSE : FRAME_RESUME;
         rc = c->pause_sent ? frame_batch_pause(b, c->id) : frame_batch_resume(b, c->id);
         if (c->pause_sent)
-            m->st->pauses_sent++;
+            m->cfg.group->st.pauses_sent++;
         else
-            m->st->resumes_sent++;
+            m->cfg.group->st.resumes_sent++;
     } else if (c->out_n > c->out_tx) {
         const struct mux_out *o = &c->out[c->out_tx++];
 
@@ -217,7 +205,7 @@ static int chan_emit(struct mux *m, struct mux_chan *c, size_t *bytes)
     } else {
         return 0;
     }
-    m->st->frames_out[flow_index(flow)]++;
+    m->cfg.group->st.frames_out[flow_index(flow)]++;
     *bytes += FRAME_HDR_LEN;
     return rc;
 }
@@ -234,10 +222,10 @@ static int ctl_emit(struct mux *m, size_t max)
 
         if (x->kind == CTL_CLOSE) {
             rc = frame_batch_close(&tx->batch, x->id);
-            m->st->frames_out[flow_index(FRAME_CLOSE)]++;
+            m->cfg.group->st.frames_out[flow_index(FRAME_CLOSE)]++;
         } else {
             rc = frame_batch_ping(&tx->batch, x->id, x->kind == CTL_PONG);
-            m->st->frames_out[flow_index(FRAME_PING)]++;
+            m->cfg.group->st.frames_out[flow_index(FRAME_PING)]++;
         }
     }
     tx->ctl_n -= i;
@@ -296,8 +284,8 @@ static void flush_cb(struct eng_defer *d)
     memcpy(tx->iov, iov, (size_t)cnt * sizeof(*iov));
     tx->iovcnt = cnt;
     tx->pos = 0;
-    m->st->batches++;
-    m->st->batch_frames += b->nframes;
+    m->cfg.group->st.batches++;
+    m->cfg.group->st.batch_frames += b->nframes;
     m->tx_busy = true;
     tx_step(m);
     return;

@@ -238,18 +238,7 @@ static void fold(struct client *cl, const struct mux_stats *s)
                       s->bytes_to_local - f->bytes_to_local);
     metrics_inc_label(mt, 0, METRIC_CLIENT_BYTES, METRICS_ENDPOINT_TO_TUNNEL,
                       s->bytes_from_local - f->bytes_from_local);
-    /* mux_flow_index() and enum metrics_frame share their order */
-    for (unsigned i = 0; i <= METRICS_FRAME_UNKNOWN; i++) {
-        metrics_inc_label(mt, 0, METRIC_FRAMES_RECEIVED, i, s->frames_in[i] - f->frames_in[i]);
-        metrics_inc_label(mt, 0, METRIC_FRAMES_SENT, i, s->frames_out[i] - f->frames_out[i]);
-    }
-    metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_UNKNOWN_ID,
-                      s->dropped_unknown_id - f->dropped_unknown_id);
-    metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
-                      s->bad_new - f->bad_new);
-    metrics_inc_label(mt, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
-                      s->dropped_late - f->dropped_late);
-    metrics_inc(mt, 0, METRIC_TUNNEL_WRITES, s->batches - f->batches);
+    metrics_add_mux(mt, 0, s, f);
     *f = *s;
 }
 

@@ -168,25 +168,13 @@ void gw_tunnel_fold_all(struct gw_shard *sh)
     sh->ctr.bytes_from_device += from_dev;
     metrics_inc_label(m, sh->idx, METRIC_BYTES, METRICS_DEVICE_TO_TUNNEL, from_dev);
     metrics_inc_label(m, sh->idx, METRIC_BYTES, METRICS_TUNNEL_TO_DEVICE, to_dev);
-    /* mux_flow_index() and enum metrics_frame share their order */
-    for (unsigned i = 0; i <= METRICS_FRAME_UNKNOWN; i++) {
-        metrics_inc_label(m, sh->idx, METRIC_FRAMES_RECEIVED, i,
-                          st->frames_in[i] - f->frames_in[i]);
-        metrics_inc_label(m, sh->idx, METRIC_FRAMES_SENT, i, st->frames_out[i] - f->frames_out[i]);
-    }
+    metrics_add_mux(m, sh->idx, st, f);
     if (st->chan_closed[MUX_R_LIMIT] != f->chan_closed[MUX_R_LIMIT]) /* a name lookup */
         metrics_inc_reason(m, sh->idx, METRIC_LIMIT_REJECTS, "channels",
                            st->chan_closed[MUX_R_LIMIT] - f->chan_closed[MUX_R_LIMIT]);
     if (st->tunnel_overflows != f->tunnel_overflows)
         metrics_inc_reason(m, sh->idx, METRIC_LIMIT_REJECTS, "tunnel_queue",
                            st->tunnel_overflows - f->tunnel_overflows);
-    metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_UNKNOWN_ID,
-                      st->dropped_unknown_id - f->dropped_unknown_id);
-    metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
-                      st->bad_new - f->bad_new);
-    metrics_inc_label(m, sh->idx, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
-                      st->dropped_late - f->dropped_late);
-    metrics_inc(m, sh->idx, METRIC_TUNNEL_WRITES, st->batches - f->batches);
     *f = *st;
 }
 

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "core/frame.h"
+#include "core/mux.h"
 
 #define CACHE_LINE 64
 #define SLOTS_PER_LINE (CACHE_LINE / sizeof(uint64_t))
@@ -379,4 +380,22 @@ int metrics_render(const struct metrics *m, char **out, size_t *len)
         return -1;
     }
     return 0;
+}
+
+void metrics_add_mux(struct metrics *m, unsigned shard, const struct mux_stats *now,
+                     const struct mux_stats *then)
+{
+    /* mux_flow_index() and enum metrics_frame share their order */
+    for (unsigned i = 0; i <= METRICS_FRAME_UNKNOWN; i++) {
+        metrics_inc_label(m, shard, METRIC_FRAMES_RECEIVED, i,
+                          now->frames_in[i] - then->frames_in[i]);
+        metrics_inc_label(m, shard, METRIC_FRAMES_SENT, i, now->frames_out[i] - then->frames_out[i]);
+    }
+    metrics_inc_label(m, shard, METRIC_FRAMES_DROPPED, METRICS_DROP_UNKNOWN_ID,
+                      now->dropped_unknown_id - then->dropped_unknown_id);
+    metrics_inc_label(m, shard, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW,
+                      now->bad_new - then->bad_new);
+    metrics_inc_label(m, shard, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
+                      now->dropped_late - then->dropped_late);
+    metrics_inc(m, shard, METRIC_TUNNEL_WRITES, now->batches - then->batches);
 }

@@ -200,6 +200,14 @@ int metrics_label_index(enum metric_id id, const char *value);
 void metrics_inc_reason(struct metrics *m, unsigned shard, enum metric_id id,
                         const char *reason, uint64_t by);
 
+/* Add what a multiplexer counted between `then` and `now` (struct
+ * mux_stats, core/mux.h) to the series both roles share: frames received
+ * and sent by type, frames dropped by reason, tunnel writes. Bytes and
+ * limits are the role's own. */
+struct mux_stats;
+void metrics_add_mux(struct metrics *m, unsigned shard, const struct mux_stats *now,
+                     const struct mux_stats *then);
+
 /* The frame label index of a FLOW byte (core/frame.h enum frame_flow);
  * METRICS_FRAME_UNKNOWN for any other value. */
 enum metrics_frame metrics_frame_index(uint8_t flow);

@@ -103,22 +103,6 @@ static const char *state_name(enum cl_state s)
 }
 
 /* mux_reason -> tunnel_closes_total label (core/metrics.h). */
-static const char *tunnel_label(enum mux_reason why)
-{
-    switch (why) {
-    case MUX_R_PEER_EOF: return "eof";
-    case MUX_R_TUNNEL_ERROR: return "error";
-    case MUX_R_PROTOCOL: return "bad_frame";
-    case MUX_R_PONG_TIMEOUT: return "ping_timeout";
-    case MUX_R_QUEUE_LIMIT: return "overflow";
-    case MUX_R_REPLACED: return "replaced";
-    case MUX_R_SHUTDOWN: return "shutdown";
-    case MUX_R_TUNNEL_IDLE: return "idle";
-    case MUX_R_EXPIRED: return "expired";
-    default: return "other";
-    }
-}
-
 static void free_streams(struct client *cl)
 {
     tc_free(cl->seal);
@@ -253,7 +237,7 @@ static void fold_cb(struct timer *t)
 
 static void account(struct client *cl, const struct mux *m, enum mux_reason why)
 {
-    metrics_inc_reason(cl->metrics, 0, METRIC_TUNNEL_CLOSES, tunnel_label(why), 1);
+    metrics_inc_reason(cl->metrics, 0, METRIC_TUNNEL_CLOSES, metrics_tunnel_close_label(why), 1);
     fold(cl, mux_stats(m));
     metrics_gauge_set(cl->metrics, 0, METRIC_CLIENT_CONNECTED, 0, 0);
 }

@@ -422,29 +422,13 @@ static void orphan(struct client_chan_pend *p)
 }
 
 /* mux_reason -> the channel_closes_total label (core/metrics.h). */
-static const char *close_label(enum mux_reason why)
-{
-    switch (why) {
-    case MUX_R_PEER_CLOSE: return "remote_close";
-    case MUX_R_LOCAL_EOF: return "local_eof";
-    case MUX_R_LOCAL_ERROR: return "local_error";
-    case MUX_R_CONNECT_FAIL: return "connect_failed";
-    case MUX_R_REFUSED: return "acl_refused";
-    case MUX_R_QUEUE_LIMIT: return "overflow";
-    case MUX_R_CHAN_IDLE: return "timeout";
-    case MUX_R_TUNNEL_DOWN: return "tunnel_down";
-    case MUX_R_SHUTDOWN: return "shutdown";
-    default: return "other";
-    }
-}
-
 void client_chan_on_closed(struct client_chan_set *s, struct mux_chan *c, enum mux_reason why)
 {
     struct client_chan_pend *p = mux_chan_udata(c);
 
     if (s->metrics != NULL) {
         metrics_gauge_add(s->metrics, 0, METRIC_CHANNELS_OPEN, -1);
-        metrics_inc_reason(s->metrics, 0, METRIC_CHANNEL_CLOSES, close_label(why), 1);
+        metrics_inc_reason(s->metrics, 0, METRIC_CHANNEL_CLOSES, metrics_channel_close_label(why), 1);
     }
     if (p != NULL)
         orphan(p);

@@ -28,38 +28,6 @@
 
 /* ---- metrics ---------------------------------------------------------------- */
 
-static const char *chan_label(enum mux_reason r)
-{
-    switch (r) {
-    case MUX_R_PEER_CLOSE: return "remote_close";
-    case MUX_R_LOCAL_EOF: return "local_eof";
-    case MUX_R_LOCAL_ERROR: return "local_error";
-    case MUX_R_CONNECT_FAIL: return "connect_failed";
-    case MUX_R_REFUSED: return "acl_refused";
-    case MUX_R_QUEUE_LIMIT: return "overflow";
-    case MUX_R_CHAN_IDLE: return "timeout";
-    case MUX_R_TUNNEL_DOWN: return "tunnel_down";
-    case MUX_R_SHUTDOWN: return "shutdown";
-    default: return "other";
-    }
-}
-
-static const char *tunnel_label(enum mux_reason r)
-{
-    switch (r) {
-    case MUX_R_PEER_EOF: return "eof";
-    case MUX_R_TUNNEL_ERROR: return "error";
-    case MUX_R_PROTOCOL: return "bad_frame";
-    case MUX_R_PONG_TIMEOUT: return "ping_timeout";
-    case MUX_R_QUEUE_LIMIT: return "overflow";
-    case MUX_R_REPLACED: return "replaced";
-    case MUX_R_SHUTDOWN: return "shutdown";
-    case MUX_R_TUNNEL_IDLE: return "idle";
-    case MUX_R_EXPIRED: return "expired";
-    default: return "other";
-    }
-}
-
 /* handshakes_total{result} for a token error name (token_strerror). */
 static const char *token_label(const char *detail)
 {
@@ -149,7 +117,7 @@ static void on_chan_closed(void *ctx, struct mux_chan *ch, enum mux_reason why)
         sh->ctr.chan_closed[why]++;
     sh->nchans--;
     metrics_gauge_add(sh->gw->metrics, sh->idx, METRIC_CHANNELS_OPEN, -1);
-    metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_CHANNEL_CLOSES, chan_label(why), 1);
+    metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_CHANNEL_CLOSES, metrics_channel_close_label(why), 1);
     gw_shard_check_drained(sh); /* a drain waits for the last channel */
 }
 
@@ -212,7 +180,7 @@ static void on_dead(void *ctx, struct mux *m, enum mux_reason why)
         sh->ctr.tunnels_closed[why]++;
     gw_tunnel_fold_all(sh); /* the metrics move with the gauges */
     tunnel_gauges(t, -1);
-    metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_TUNNEL_CLOSES, tunnel_label(why), 1);
+    metrics_inc_reason(sh->gw->metrics, sh->idx, METRIC_TUNNEL_CLOSES, metrics_tunnel_close_label(why), 1);
     log_msg(LOG_INFO, "tunnel down", "shard", LOG_U64(sh->idx), "tunnel", LOG_U64(t->id),
             "reason", mux_reason_name(why), "peer", addr_format(&t->peer, peer, sizeof(peer)),
             "host", t->names[0], "names_removed", LOG_U64(removed), "channels",

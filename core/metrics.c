@@ -399,3 +399,35 @@ void metrics_add_mux(struct metrics *m, unsigned shard, const struct mux_stats *
                       now->dropped_late - then->dropped_late);
     metrics_inc(m, shard, METRIC_TUNNEL_WRITES, now->batches - then->batches);
 }
+
+const char *metrics_channel_close_label(enum mux_reason why)
+{
+    switch (why) {
+    case MUX_R_PEER_CLOSE: return "remote_close";
+    case MUX_R_LOCAL_EOF: return "local_eof";
+    case MUX_R_LOCAL_ERROR: return "local_error";
+    case MUX_R_CONNECT_FAIL: return "connect_failed";
+    case MUX_R_REFUSED: return "acl_refused";
+    case MUX_R_QUEUE_LIMIT: return "overflow";
+    case MUX_R_CHAN_IDLE: return "timeout";
+    case MUX_R_TUNNEL_DOWN: return "tunnel_down";
+    case MUX_R_SHUTDOWN: return "shutdown";
+    default: return "other";
+    }
+}
+
+const char *metrics_tunnel_close_label(enum mux_reason why)
+{
+    switch (why) {
+    case MUX_R_PEER_EOF: return "eof";
+    case MUX_R_TUNNEL_ERROR: return "error";
+    case MUX_R_PROTOCOL: return "bad_frame";
+    case MUX_R_PONG_TIMEOUT: return "ping_timeout";
+    case MUX_R_QUEUE_LIMIT: return "overflow";
+    case MUX_R_REPLACED: return "replaced";
+    case MUX_R_SHUTDOWN: return "shutdown";
+    case MUX_R_TUNNEL_IDLE: return "idle";
+    case MUX_R_EXPIRED: return "expired";
+    default: return "other";
+    }
+}

@@ -40,6 +40,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/mux.h"
+
 enum metric_id {
     /* gateway (snitun server) */
     METRIC_TUNNELS_CONNECTED = 0, /* gauge */
@@ -200,11 +202,16 @@ int metrics_label_index(enum metric_id id, const char *value);
 void metrics_inc_reason(struct metrics *m, unsigned shard, enum metric_id id,
                         const char *reason, uint64_t by);
 
+/* The label of a channel's / a tunnel's close reason in
+ * snitun_channel_closes_total / snitun_tunnel_closes_total (the lists in
+ * metrics.c), for both roles. */
+const char *metrics_channel_close_label(enum mux_reason why);
+const char *metrics_tunnel_close_label(enum mux_reason why);
+
 /* Add what a multiplexer counted between `then` and `now` (struct
  * mux_stats, core/mux.h) to the series both roles share: frames received
  * and sent by type, frames dropped by reason, tunnel writes. Bytes and
  * limits are the role's own. */
-struct mux_stats;
 void metrics_add_mux(struct metrics *m, unsigned shard, const struct mux_stats *now,
                      const struct mux_stats *then);
 

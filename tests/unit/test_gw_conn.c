@@ -146,9 +146,15 @@ static void assert_timeout(struct fixture *f, const char *name)
     cr_assert_eq(drops(f->g, "bad_token"), 0, "%s", name);
 }
 
+static void assert_bad_mac(struct fixture *f, const char *name)
+{
+    assert_token_error(f, TOKEN_BAD_MAC, name);
+}
+
 /* Each case on the peer port and on the single port ("gA" moves the
- * single port's connection to the token stage at once). */
-static void bad_mac_case(const char *vector)
+ * single port's connection to the token stage at once): the token of
+ * `vector` sent, then the deadline, then check(). */
+static void deadline_case(const char *vector, void (*check)(struct fixture *, const char *))
 {
     json_t *doc = tu_load_json("fernet.json");
     enum gw_listen_kind kinds[2] = { GW_L_PEER, GW_L_SINGLE };
@@ -157,25 +163,20 @@ static void bad_mac_case(const char *vector)
         struct fixture f;
         fixture_up(&f, doc);
         at_deadline(&f, kinds[k], vector_token(doc, vector));
-        assert_token_error(&f, TOKEN_BAD_MAC, vector);
+        check(&f, vector);
         fixture_down(&f);
     }
     json_decref(doc);
 }
 
+static void bad_mac_case(const char *vector)
+{
+    deadline_case(vector, assert_bad_mac);
+}
+
 static void timeout_case(const char *vector)
 {
-    json_t *doc = tu_load_json("fernet.json");
-    enum gw_listen_kind kinds[2] = { GW_L_PEER, GW_L_SINGLE };
-
-    for (int k = 0; k < 2; k++) {
-        struct fixture f;
-        fixture_up(&f, doc);
-        at_deadline(&f, kinds[k], vector_token(doc, vector));
-        assert_timeout(&f, vector);
-        fixture_down(&f);
-    }
-    json_decref(doc);
+    deadline_case(vector, assert_timeout);
 }
 
 Test(gw_conn_deadline, unknown_key_is_bad_mac)

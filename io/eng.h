@@ -123,6 +123,9 @@
  *   under a burst of more than ENG_RING_BUFS completions in one turn or
  *   while callers hold ring buffers), counted in pbuf_nobufs. The ring is
  *   FIFO, so its buffers are cold; big picks use the LIFO heap pool.
+ *   A small pick's SQE carries IORING_RECVSEND_POLL_FIRST: a caller reads
+ *   small after a read that drained the socket, so the kernel arms its
+ *   poll at once rather than first trying a recv that finds nothing.
  *   eng_splice does NOT use IORING_OP_SPLICE: the kernel always runs that
  *   in a blocking io-wq worker, which a splice from an idle socket would
  *   hold. It tries splice(SPLICE_F_NONBLOCK) when the op is started and,

@@ -370,6 +370,11 @@ static void ur_prep(struct eng_uring *u, struct eng_op *op, struct io_uring_sqe 
         io_uring_prep_recv(sqe, op->fd, NULL, op->u.rd.len, 0);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = UR_BGID;
+        /* A small pick is a connection that drained its socket last time
+         * (a stream that fills its buffers reads big): arm the poll at
+         * once instead of trying a recv that finds nothing. Ring buffers
+         * mean 5.19+, which has the flag. */
+        sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
         break;
     case ENG_OP_SEND:
         if (op->u.wr.iovcnt == 1) {

@@ -229,9 +229,20 @@ struct mux {
 
 /* ---- small helpers (several files, per frame or per read) ---------------- */
 
+/* Any total order will do for the tree: two native-endian words compare
+ * in a few instructions where memcmp costs a call per tree level (~0.7 %
+ * of the gateway's keep-alive samples). */
+_Static_assert(FRAME_ID_LEN == 2 * sizeof(uint64_t), "id_cmp reads two words");
+
 static inline int id_cmp(const void *a, const void *b)
 {
-    return memcmp(a, b, FRAME_ID_LEN);
+    uint64_t x[2], y[2];
+
+    memcpy(x, a, sizeof(x));
+    memcpy(y, b, sizeof(y));
+    if (x[0] != y[0])
+        return x[0] < y[0] ? -1 : 1;
+    return (x[1] > y[1]) - (x[1] < y[1]);
 }
 
 static inline struct mux_chan *chan_find(struct mux *m, const uint8_t id[FRAME_ID_LEN])

@@ -2,6 +2,7 @@
 #include "io/sock.h"
 
 #include <errno.h>
+#include <linux/filter.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -102,4 +103,43 @@ int sock_local(int fd, struct net_addr *a)
 int sock_peer(int fd, struct net_addr *a)
 {
     return name_of(fd, a, true);
+}
+
+/* The program: A = a random 16-bit number, then one (jge, ret) pair per
+ * listener but the last, against the running sum of the weights scaled to
+ * 65536: listener i owns [sum(w[0..i)), sum(w[0..i])). */
+int sock_steer(int fd, const uint32_t *w, unsigned n)
+{
+    struct sock_filter code[2 + 2 * SOCK_STEER_MAX];
+    struct sock_fprog prog = { .filter = code };
+    uint64_t sum = 0, run = 0;
+    unsigned k = 0;
+
+    if (n == 0 || n > SOCK_STEER_MAX)
+        return -EINVAL;
+    for (unsigned i = 0; i < n; i++) {
+        if (w[i] > SOCK_STEER_SCALE)
+            return -EINVAL;
+        sum += w[i];
+    }
+    if (sum == 0)
+        return -EINVAL;
+    code[k++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_RANDOM);
+    code[k++] = (struct sock_filter)BPF_STMT(BPF_ALU | BPF_AND | BPF_K, SOCK_STEER_SCALE - 1);
+    for (unsigned i = 0; i + 1 < n; i++) {
+        run += w[i];
+        /* A >= bound: skip this listener's ret. */
+        code[k++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K,
+                                                 (uint32_t)(run * SOCK_STEER_SCALE / sum), 1, 0);
+        code[k++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, i);
+    }
+    code[k++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, n - 1);
+    prog.len = (unsigned short)k;
+    return setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog)) < 0 ? -errno
+                                                                                         : 0;
+}
+
+int sock_steer_off(int fd)
+{
+    return setint(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 1);
 }

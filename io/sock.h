@@ -9,6 +9,7 @@
 #define IO_SOCK_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "core/addr.h"
 
@@ -40,6 +41,24 @@ int sock_nodelay(int fd, bool on);
 /* SO_RCVBUF / SO_SNDBUF; 0 leaves that one alone. The kernel doubles the
  * value and applies its own minimum. */
 int sock_bufsize(int fd, int rcvbuf, int sndbuf);
+
+/* ---- SO_REUSEPORT steering ----
+ * The listeners bound to one address with SO_REUSEPORT form a group,
+ * numbered in the order they started listening (a closed one's slot is
+ * taken by the last); the kernel gives each new connection to one of them
+ * by a hash of its addresses, unless a program attached to the group picks
+ * the number. sock_steer() attaches a classic BPF program that picks
+ * listener i with probability w[i] / sum(w), at random per connection
+ * (weights 0..SOCK_STEER_SCALE, n 1..SOCK_STEER_MAX, sum > 0: else
+ * -EINVAL); a number past the group's end makes the kernel fall back to the
+ * hash, so a shrunken group still gets every connection. sock_steer_off()
+ * detaches it (-ENOENT when none was attached). Any listener of the group
+ * will do; the program stays with the group until it is replaced, detached
+ * or the last listener closes. 0 or -errno. */
+#define SOCK_STEER_MAX 64
+#define SOCK_STEER_SCALE 65536u
+int sock_steer(int fd, const uint32_t *w, unsigned n);
+int sock_steer_off(int fd);
 
 /* Local (getsockname) and peer (getpeername) addresses. */
 int sock_local(int fd, struct net_addr *a);

@@ -70,6 +70,9 @@ static const struct opt_spec server_specs[] = {
       MUX_SPLICE_HELP, "auto", 0, 0 },
     { "batch", "SNITUN_BATCH", OPT_STR, "on|off",
       MUX_BATCH_HELP, "on", 0, 0 },
+    { "steer", "SNITUN_STEER", OPT_STR, "on|off",
+      "send --sni-listen connections to the shards whose tunnels serve them, weighted by "
+      "last second's channels (off: the kernel's hash, then a handoff)", "on", 0, 0 },
     { "handshake-timeout", "SNITUN_HANDSHAKE_TIMEOUT", OPT_INT, "SECONDS",
       "accept until the ClientHello or token is complete (PROXY header included)", "10", 1, 60 },
     { "challenge-timeout", "SNITUN_CHALLENGE_TIMEOUT", OPT_INT, "SECONDS",
@@ -254,6 +257,12 @@ static int build_cfg(const struct opt_res *res, struct gw_cfg *cfg, struct gw_li
         return 2;
     }
     cfg->no_batch = !on;
+    if (opt_parse_bool(opt_str(res, "steer"), &on) != 0) {
+        fprintf(stderr, "%s: --steer must be on or off, got '%s'\n", prog,
+                opt_str(res, "steer"));
+        return 2;
+    }
+    cfg->steer = on;
     cfg->handshake_ms = (uint32_t)opt_int(res, "handshake-timeout") * 1000u;
     cfg->challenge_ms = (uint32_t)opt_int(res, "challenge-timeout") * 1000u;
     cfg->tunnel_idle_ms = (uint32_t)opt_int(res, "tunnel-idle-timeout") * 1000u;

@@ -125,6 +125,7 @@ void gw_cfg_defaults(struct gw_cfg *cfg)
         .chan_idle_ms = 120000,
         .log_rate = 100,
         .drain_ms = 30000,
+        .steer = true,
     };
 }
 
@@ -620,6 +621,8 @@ static void on_fold(struct timer *t)
     struct gw_shard *sh = caa_container_of(t, struct gw_shard, fold_timer);
 
     gw_tunnel_fold_all(sh);
+    if (sh->idx == 0)
+        gw_steer_tick(sh->gw);
     eng_timer_add(sh->eng, &sh->fold_timer, GW_FOLD_MS);
 }
 
@@ -936,7 +939,7 @@ static void log_start(struct gw *g)
             "backlog", LOG_U64(cfg->backlog), "cpu_affinity", cfg->cpu_affinity ? "on" : "off",
             "log_rate", LOG_U64(cfg->log_rate),
             "splice", mux_splice_name(cfg->splice != 0 ? cfg->splice : MUX_SPLICE_AUTO),
-            "batch", cfg->no_batch ? "off" : "on", NULL);
+            "batch", cfg->no_batch ? "off" : "on", "steer", cfg->steer ? "on" : "off", NULL);
     free(listen);
 }
 

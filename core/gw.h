@@ -91,6 +91,8 @@ struct gw_cfg {
     size_t tunnel_queue;        /* incoming cap per tunnel; 0: none */
     enum mux_splice splice;     /* DATA splice path; 0: mux default (auto) */
     bool no_batch;              /* --batch off: one frame per send */
+    bool steer;                 /* --steer: --sni-listen connections to the
+                                   shards that serve them (gw_steer.c) */
     uint32_t handshake_ms;      /* accept -> ClientHello or token complete */
     uint32_t challenge_ms;      /* challenge sent -> answer read */
     uint32_t tunnel_idle_ms;    /* 0 = off */

@@ -184,6 +184,9 @@ struct gw_shard {
     struct timer fold_timer;     /* mux counters into the metrics, 1 s */
     struct eng_defer drain_d;
     struct gw_ctr ctr;
+    uint64_t routed;             /* device channels opened here, for ever;
+                                    written by this shard (gw_steer_count),
+                                    read by shard 0 (gw_steer_tick) */
     struct mux_group mux_group;  /* counters and random bytes of the tunnels */
     struct mux_stats mux_folded; /* mux_group.st as last added to the metrics */
     struct log_rl rl;            /* per-connection lines of this shard */
@@ -201,6 +204,16 @@ struct gw_seen {
     double next_purge;           /* wall clock of the next purge pass */
 };
 
+/* gw_steer.c: where --sni-listen connections are sent (SO_REUSEPORT
+ * program). Shard 0's thread only. */
+#define GW_STEER_MAX 64          /* shards a program can name (SOCK_STEER_MAX) */
+struct gw_steer {
+    uint64_t seen[GW_STEER_MAX]; /* gw_shard.routed at the last look */
+    uint32_t w[GW_STEER_MAX];    /* weights attached (when on) */
+    bool on;                     /* a program is attached */
+    bool failed;                 /* the kernel refused one: never again */
+};
+
 struct gw {
     const struct gw_cfg *cfg;
     struct gw_shard *shards;
@@ -211,6 +224,7 @@ struct gw {
     unsigned admin_slot;         /* = nshards + 1: by the admin listener's thread */
     struct admin *admin;
     struct gw_seen seen;
+    struct gw_steer steer;
     bool drop_priv;              /* --user given and found */
     uid_t uid;
     gid_t gid;
@@ -230,6 +244,15 @@ struct gw {
     _Alignas(64) atomic_uint_fast64_t next_gen;
     _Alignas(64) atomic_size_t handshakes;
 };
+
+/* ---- gw_steer.c ----------------------------------------------------------- */
+
+/* A device channel was opened on sh (by sh's thread). */
+void gw_steer_count(struct gw_shard *sh);
+
+/* Shard 0, every GW_FOLD_MS: re-weigh the --sni-listen groups by where
+ * device channels were opened since the last call (see gw_steer.c). */
+void gw_steer_tick(struct gw *g);
 
 /* ---- gw_seen.c ------------------------------------------------------------ */
 

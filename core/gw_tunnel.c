@@ -398,6 +398,7 @@ static void chan_open(struct gw_shard *sh, struct mux *m, int fd, const struct n
     if (mux_chan_open(m, fd, caller, first, n) != NULL) {
         (*ok_ctr)++;
         sh->nchans++;
+        gw_steer_count(sh);
         metrics_inc(sh->gw->metrics, sh->idx, METRIC_CHANNELS_OPENED, 1);
         metrics_gauge_add(sh->gw->metrics, sh->idx, METRIC_CHANNELS_OPEN, 1);
     } else {

@@ -602,8 +602,10 @@ class Bench:
         rest = [v for v in vals if v not in (on, off)]
         return flag, [(v, [flag, v], [flag, v] if both else []) for v in [on, off] + rest]
 
-    def ablation_probe(self, gw_extra, client_extra):
+    def ablation_probe(self, gw_extra, client_extra, probe="https+raw"):
         self.svc.start_snitun(gw_extra, client_extra)
+        if probe == "rate":
+            return self.ablation_rate()
         s = self.prof["abl_wrk_secs"]
         w = self.wrk(self.https_url("snitun", "100b.bin"), s, 50)
         st = self.stream("snitun", "up", self.prof["abl_raw_bytes"])
@@ -620,10 +622,25 @@ class Bench:
                                           for k in ("gateway", "client")}})
         return m
 
-    def ablation(self, key, title, variants, note=None):
-        sc = {"title": title, "kind": "ablation",
-              "load": f"wrk -t2 -c50 -d{self.prof['abl_wrk_secs']}s 100-byte keep-alive through "
-                      f"snitun + loadgen stream up {self.prof['abl_raw_bytes']} bytes",
+    def ablation_rate(self):
+        """Channel opens through snitun (16 workers), after a warm-up as
+        long as the gateway's one-second look at where channels go."""
+        s, w = self.prof["rate_secs"], self.prof["rate_workers"][0]
+        self.rate("snitun", 2, w)
+        m = self.rate("snitun", s, w)
+        if m is None:
+            return None
+        return {"rate_cps": m["channels_per_s"], "rate_p99_us": m.get("open_us_p99"),
+                "rate_cpu_per_10k": {k: m["cpu_per_10k"].get(k) for k in ("gateway", "client")}}
+
+    def ablation(self, key, title, variants, note=None, probe="https+raw"):
+        if probe == "rate":
+            load = (f"loadgen rate --workers {self.prof['rate_workers'][0]} --seconds "
+                    f"{self.prof['rate_secs']} through snitun, after 2 s of the same")
+        else:
+            load = (f"wrk -t2 -c50 -d{self.prof['abl_wrk_secs']}s 100-byte keep-alive through "
+                    f"snitun + loadgen stream up {self.prof['abl_raw_bytes']} bytes")
+        sc = {"title": title, "kind": "ablation", "probe": probe, "load": load,
               "targets": [v[0] for v in variants] if variants else [],
               "rounds": {}, "median": {}, "ratios": {}, "skipped": {}, "note": note}
         self.result["scenarios"][key] = sc
@@ -636,13 +653,15 @@ class Bench:
         for r in range(self.prof["rounds"]):
             for name, gx, cx in rotate(variants, r):
                 try:
-                    m = self.ablation_probe(gx, cx)
+                    m = self.ablation_probe(gx, cx, probe)
                 except BenchError as e:
                     log(f"  {key} {name}: {e}")
                     sc["skipped"][name] = str(e).splitlines()[0]
                     m = None
                 sc["rounds"][name].append(m)
-                if m:
+                if m and probe == "rate":
+                    log(f"  {key} round {r + 1} {name}: channels/s={m.get('rate_cps')}")
+                elif m:
                     log(f"  {key} round {r + 1} {name}: rps={m.get('https_rps')} "
                         f"raw={m.get('raw_gib_per_s')} GiB/s")
                 self.save()
@@ -655,11 +674,16 @@ class Bench:
             ma = sc["median"].get(a)
             if not (ma and mb):
                 continue
-            r = {k: ratio(ma.get(k), mb.get(k))
-                 for k in ("https_rps", "https_p99_ms", "raw_gib_per_s")}
+            if probe == "rate":
+                r = {k: ratio(ma.get(k), mb.get(k)) for k in ("rate_cps", "rate_p99_us")}
+                cpu_key, cpu_label = "rate_cpu_per_10k", "rate_cpu"
+            else:
+                r = {k: ratio(ma.get(k), mb.get(k))
+                     for k in ("https_rps", "https_p99_ms", "raw_gib_per_s")}
+                cpu_key, cpu_label = "raw_cpu_per_gib", "raw_cpu"
             for side in ("gateway", "client"):
-                r[f"raw_cpu_{side}"] = ratio((ma.get("raw_cpu_per_gib") or {}).get(side),
-                                             (mb.get("raw_cpu_per_gib") or {}).get(side))
+                r[f"{cpu_label}_{side}"] = ratio((ma.get(cpu_key) or {}).get(side),
+                                                 (mb.get(cpu_key) or {}).get(side))
             sc["ratios"][f"{a}/{b}"] = r
         self.save()
 
@@ -683,6 +707,12 @@ class Bench:
         self.ablation("ablation_batch", "header batching on vs off", v,
                       note=f"flag {flag}, gateway and client" if flag else
                       "n/a: `snitun server --help` has no header-batching flag")
+        flag, v = self.onoff_variants(r"steer")
+        if v:  # a gateway flag only
+            v = [(n, g, []) for n, g, _ in v]
+        self.ablation("ablation_steer", "device listener steering on vs off (channel opens)", v,
+                      note=f"flag {flag}, gateway, 2 shards, one tunnel" if flag else
+                      "n/a: `snitun server --help` has no steering flag", probe="rate")
         self.svc.stop_snitun()
         self.svc.gw_args = self.svc.client_args = []
 

@@ -158,7 +158,24 @@ def md_idle(sc):
     return table(head, rows), None
 
 
+def md_ablation_rate(sc):
+    head = ["variant", "channels/s", "open p99 µs", "gateway CPU-s/10k channels",
+            "client CPU-s/10k channels"]
+    rows = []
+    for t in sc.get("targets", []):
+        m = sc["median"].get(t)
+        if not m:
+            rows.append([t] + ["n/a"] * (len(head) - 1))
+            continue
+        c = m.get("rate_cpu_per_10k") or {}
+        rows.append([t, fmt(m.get("rate_cps")), fmt(m.get("rate_p99_us")),
+                     fmt(c.get("gateway")), fmt(c.get("client"))])
+    return table(head, rows), "rate_cps"
+
+
 def md_ablation(sc):
+    if sc.get("probe") == "rate":
+        return md_ablation_rate(sc)
     head = ["variant", "HTTPS req/s", "HTTPS p99 ms", "raw GiB/s",
             "gateway CPU-s/10k req", "client CPU-s/10k req", "gateway CPU-s/GiB",
             "client CPU-s/GiB"]
@@ -253,6 +270,13 @@ def plot_scenario(key, sc, out_dir):
                  ["p50", "p90", "p99"],
                  [(t, [g(t, "open_us_p50"), g(t, "open_us_p90"), g(t, "open_us_p99")])
                   for t in targets], log=True),
+        ]
+    elif kind == "ablation" and sc.get("probe") == "rate":
+        panels = [
+            bars("thr", sc["title"], "channels/s", ["16 workers"],
+                 [(t, [g(t, "rate_cps")]) for t in targets]),
+            bars("lat", "open latency p99", "µs", ["p99"],
+                 [(t, [g(t, "rate_p99_us")]) for t in targets]),
         ]
     elif kind == "ablation":
         panels = [

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -408,12 +409,24 @@ static struct eng *try_backend(const struct eng_backend *be, char *why, size_t w
     return e;
 }
 
-/* One line per engine (so per shard): which one runs and why. A fallback
- * from io_uring is a warning: the operator may want to allow io_uring. */
+/* Which engine runs and why. A fallback from io_uring is a warning: the
+ * operator may want to allow io_uring. Every shard makes an engine, and
+ * they all say the same: a line that repeats the previous one is debug,
+ * so a 64-core host logs it once. */
 static struct eng *announce(struct eng *e, bool fell_back)
 {
-    log_msg(fell_back ? LOG_WARN : LOG_INFO, "io engine", "engine", e->be->name, "reason",
-            e->reason, NULL);
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    static char last[sizeof(e->reason) + 16];
+    char line[sizeof(last)];
+    bool repeat;
+
+    snprintf(line, sizeof(line), "%s %s", e->be->name, e->reason);
+    pthread_mutex_lock(&mu);
+    repeat = strcmp(line, last) == 0;
+    memcpy(last, line, sizeof(last));
+    pthread_mutex_unlock(&mu);
+    log_msg(repeat ? LOG_DEBUG : fell_back ? LOG_WARN : LOG_INFO, "io engine", "engine",
+            e->be->name, "reason", e->reason, NULL);
     return e;
 }
 

@@ -138,6 +138,9 @@ static int rnd_draw(void *ctx, void *buf, size_t n)
 
 /* ---- channel lifetime ------------------------------------------------------ */
 
+/* 640 bytes is a jemalloc size class (MUX_WIOV says what fits). */
+_Static_assert(sizeof(struct mux_chan) <= 640, "struct mux_chan outgrew its size class");
+
 /* Drop the payloads that no batch in flight borrows. */
 static void chan_drop_out(struct mux_chan *c)
 {
@@ -161,6 +164,7 @@ struct mux_chan *mux_chan_new(struct mux *m, const uint8_t id[FRAME_ID_LEN],
     c->caller = *caller;
     c->fd = -1;
     pipe_init(&c->pipe);
+    pipe_init(&c->ipipe);
     c->last_act = now_ms(m);
     eng_op_init(&c->rd, mtx_chan_rd_cb);
     eng_op_init(&c->wr, mrx_chan_wr_cb);
@@ -187,6 +191,7 @@ static void chan_fin_cb(struct eng_defer *d)
         m->hooks.on_chan_closed(m->hooks.ctx, c, c->why);
     mrx_queue_free(c);
     pipe_put(m, &c->pipe);
+    pipe_put(m, &c->ipipe);
     free(c);
     m->nobj--;
     mux_check(m);
@@ -198,13 +203,13 @@ void mux_chan_check(struct mux_chan *c)
     if (!c->closing || c->fin_queued)
         return;
     if (c->draining) {
-        if (c->q.bytes > 0 || c->prefix != NULL || c->wr_busy || c->spl_wr) {
+        if (chan_held(c) > 0 || c->prefix != NULL || c->wr_busy || c->spl_in) {
             mrx_chan_kick_write(c);
             return;
         }
         c->draining = false;
     }
-    if (c->rd_busy || c->wr_busy || c->spl_wr || c->out_n > 0 || c->need_close)
+    if (c->rd_busy || c->wr_busy || c->spl_in || c->out_n > 0 || c->need_close)
         return;
     mtx_ready_del(c);
     c->fin_queued = true;
@@ -230,8 +235,6 @@ void mux_chan_end(struct mux_chan *c, enum mux_reason why, bool send_close, bool
         return;
     c->closing = true;
     c->why = why;
-    if (m->spl_wait == c)
-        mspl_wait_end(m);
     m->cfg.group->st.chan_closed[why]++;
     tdelete(c, &m->root, id_cmp);
     if (why != MUX_R_PEER_CLOSE)
@@ -295,16 +298,10 @@ static void tick_cb(struct timer *t)
         mux_ping(m);
         m->next_ping = now + m->cfg.ping_ms;
     }
-    if (m->spl_wait != NULL && now - m->spl_wait_at >= MUX_SPLICE_WAIT_MS) {
-        /* That reader is slow: copy for it until its queue has drained,
-         * and read the tunnel again now. */
-        m->spl_wait->spl_slow = true;
-        mspl_wait_end(m);
-    }
     tick_chans(m, now);
     mux_queue_pool_tick(&m->pool);
     if (!m->closing)
-        eng_timer_add(m->e, &m->tick, m->spl_wait != NULL ? MUX_SPLICE_WAIT_MS : m->tick_ms);
+        eng_timer_add(m->e, &m->tick, m->tick_ms);
 }
 
 /* A quarter of the shortest timeout, so each fires at most 25% late. */
@@ -349,7 +346,6 @@ static void free_cb(struct eng_defer *d)
     tc_free(m->open);
     mux_queue_pool_trim(&m->pool);
     mrx_release(m);
-    mspl_end(m);
     if (m->dec != NULL)
         spare_put(&m->cfg.group->spare_dec, m->dec);
     if (m->tx != NULL)
@@ -462,7 +458,6 @@ struct mux *mux_new(struct eng *e, int fd, const struct mux_cfg *cfg,
     if (npending > 0)
         memcpy(m->rx, pending, npending);
     m->rx_len = npending;
-    pipe_init(&m->pipe);
     m->e = e;
     m->fd = fd;
     m->hooks = *hooks;
@@ -572,7 +567,7 @@ const uint8_t *mux_chan_peek(const struct mux_chan *c, size_t *n)
 
 size_t mux_chan_queued(const struct mux_chan *c)
 {
-    return c->q.bytes;
+    return chan_held(c);
 }
 
 bool mux_chan_paused(const struct mux_chan *c)

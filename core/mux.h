@@ -32,13 +32,15 @@
  *   1.25 KiB, struct mux_chan 0.6 KiB; plus the ciphers, the role's own
  *   records and the kernel's socket buffers).
  * - Incoming: DATA is copied out of the tunnel buffer into the channel's
- *   queue at once, so the tunnel is read at full speed whatever any one
- *   local socket does. Protocol >= 1: crossing in_high queues PAUSE, coming
- *   back to in_low queues RESUME; any version: more than in_limit queued
- *   closes that one channel with CLOSE (5.2), and when all the tunnel's
- *   queues together pass tunnel_in_limit, the channel holding the most is
- *   closed the same way. PAUSE/RESUME from the peer
- *   stop/restart reading the channel's local socket.
+ *   queue at once (or spliced into its pipe, below), so the tunnel is read
+ *   at full speed whatever any one local socket does. Protocol >= 1: a
+ *   channel's pipe and queue together crossing in_high queues PAUSE,
+ *   coming back to in_low queues RESUME; any version: more than in_limit
+ *   held closes that one channel with CLOSE (5.2), and when all the
+ *   tunnel's queues (not pipes: see tunnel_overflow) together pass
+ *   tunnel_in_limit, the channel queueing the most is closed the same
+ *   way. PAUSE/RESUME from the peer stop/restart reading the channel's
+ *   local socket.
  * - Closing (no half-close, 6.4): local EOF → CLOSE sent after the DATA
  *   already read; what the peer had sent before is still written to the
  *   local socket (a TLS peer that half-closed may still be reading), then
@@ -124,17 +126,15 @@ const char *mux_reason_name(enum mux_reason r);
 
 /* The splice path (DATA payloads moved socket -> pipe -> socket with
  * splice(2), never copied through user memory; both engines):
- *   incoming  tunnel -> pipe -> local socket, for a payload whose rest is
- *             at least the incoming threshold when the tunnel buffer runs
- *             out
- *             (then the next tunnel read takes one header only, so that
- *             the next large payload splices too). Its channel's earlier
- *             bytes must have been written first: the tunnel waits for
- *             them at most 20 ms (MUX_SPLICE_WAIT_MS, and only when it has
- *             no other channel; a reader that makes it wait that long is
- *             copied for until its queue drains). What the local socket
- *             does not take at once is read from the pipe into the
- *             channel's queue: the tunnel never waits on a local reader.
+ *   incoming  tunnel -> the channel's own pipe -> local socket, for a
+ *             payload whose rest is at least the incoming threshold when
+ *             the tunnel buffer runs out, while the channel's queue is
+ *             empty and its pipe (ENG_PIPE_SIZE) has room; the rest of a
+ *             payload that does not fit is copied into the queue, which
+ *             the channel writes after its pipe (then the next tunnel
+ *             read takes one header only, so that the next large payload
+ *             splices too). The tunnel never waits on a local reader: the
+ *             channel's own write op empties its pipe, then its queue.
  *   outgoing  local socket -> pipe -> tunnel (the frame header goes out
  *             with MSG_MORE, the payload with splice), for a channel whose
  *             last read returned at least the outgoing threshold; a read
@@ -336,7 +336,8 @@ void mux_chan_close(struct mux_chan *c, enum mux_reason why);
 const uint8_t *mux_chan_peek(const struct mux_chan *c, size_t *n);
 
 /* Bytes received from the tunnel for c and not yet written to its local
- * socket (counted against in_high/in_low/in_limit). */
+ * socket, in its pipe and its queue (counted against in_high/in_low/
+ * in_limit). */
 size_t mux_chan_queued(const struct mux_chan *c);
 
 /* Whether the peer has PAUSEd c (its local socket is not being read). */

@@ -9,8 +9,8 @@
  *   mux_rx.c     incoming: tunnel reads and the decoder, frame handlers
  *                (unknown and late ids, queue and tunnel limits), the
  *                incoming queue and the local writes that empty it
- *   mux_splice.c the incoming splice (tunnel -> pipe -> local socket) and
- *                its wait for the channel's earlier writes
+ *   mux_splice.c the incoming splice: tunnel -> the channel's own pipe
+ *                (the tunnel's read) -> local socket (the channel's write)
  *   mux_queue.c  a channel's incoming byte queue (its own module)
  *
  * Prefixes: functions one file calls in another are mux_* (mux.c), mtx_*
@@ -26,10 +26,12 @@
  *                      v
  *   CLOSING: out of the id table, local recv cancelled; CLOSE queued unless
  *      the peer closed or the tunnel is gone; DRAINING (peer CLOSE, local
- *      EOF) keeps writing the incoming queue to the local socket first
- *                      |  no op in flight, no DATA borrowed by a batch,
- *                      v  nothing left to send, queue written or dropped
- *   FIN (eng_defer): eng_close(fd), on_chan_closed, free.
+ *      EOF) keeps writing its incoming pipe, then its queue, to the local
+ *      socket first; otherwise both are dropped
+ *                      |  no op in flight (nor the tunnel's splice into its
+ *                      |  pipe), no DATA borrowed by a batch, nothing left
+ *                      v  to send, pipe and queue written or dropped
+ *   FIN (eng_defer): eng_close(fd), pipes closed, on_chan_closed, free.
  *
  * Tunnel: RUNNING --mux_close()--> CLOSING (SHUT_WR, ops cancelled, every
  * channel closed without CLOSE) --end of turn--> on_chan_closed for every
@@ -46,6 +48,12 @@
  *   peer has not paused it.
  * - The incoming queue's chunks are borrowed by the local send in flight
  *   (wr_busy); they are freed only from its callback or when it is idle.
+ * - A channel's incoming bytes are its pipe's (ipipe.n), then its queue's:
+ *   the queue only ever holds bytes that came after everything in the
+ *   pipe, so the tunnel splices into the pipe only while the queue is
+ *   empty, and the local writer (c->wr, one op) empties the pipe before it
+ *   sends queue bytes (an attach prefix goes before both: nothing is
+ *   spliced while one is pending). Water marks and in_limit count both.
  * - Idle memory: a tunnel with nothing in flight holds no receive buffer
  *   (the engine picks one when data arrives and it goes back at the end of
  *   the callback, unless the decoder stalls: then the rest is copied), no
@@ -56,9 +64,12 @@
  * - Splice (see mux.h): a channel's spliced payloads wait in its own pipe
  *   in read order (out[] entries without a buffer; pipe.n counts their
  *   bytes); in a batch each is a placeholder iovec (&tx->mark) that
- *   tx_step sends with eng_splice from that pipe. Incoming, spl_c's socket
- *   is reserved (spl_wr) while the tunnel's pipe holds bytes for it. Pipes
- *   are closed after use, never handed to another stream.
+ *   tx_step sends with eng_splice from that pipe. Incoming, the tunnel's
+ *   read splices into spl_c's ipipe (spl_c->spl_in: that channel is not
+ *   freed, its pipe not closed, until it returns); the tunnel never waits
+ *   for a local writer. Pipes are closed after use (ipipe: when its
+ *   channel is freed or drops its bytes, or goes back to small payloads
+ *   while empty), never handed to another stream.
  * - No channel or tunnel is freed outside an eng_defer callback; hooks
  *   never run inside a mux_* call (they run from op callbacks, timers and
  *   defers).
@@ -90,10 +101,6 @@
 /* DATA payloads a channel holds: one in the batch in flight, one read
  * ahead meanwhile. */
 #define MUX_CHAN_OUT 2
-/* Longest an incoming splice waits for its channel's local writes before
- * the tunnel is read again through the copy path: the added latency for
- * frames of other channels (or PINGs) behind a slow local reader. */
-#define MUX_SPLICE_WAIT_MS 20
 
 enum ctl_kind {
     CTL_PONG = 1,  /* reply to a PING request */
@@ -130,6 +137,7 @@ struct mux_chan {
     void *udata;
     enum mux_reason why;
     bool closing, draining, reported, fin_queued;
+    bool wr_prefix;           /* the send in flight starts with prefix */
     /* outgoing */
     bool need_new, need_close, on_ready;
     bool peer_paused;         /* PAUSE received */
@@ -141,17 +149,19 @@ struct mux_chan {
     bool rd_spl;              /* the read in flight splices into pipe */
     bool pipe_full;           /* pipe out of slots: copy until a batch
                                  takes bytes out of it */
-    bool spl_wr;              /* the tunnel splices into the local socket */
-    bool spl_slow;            /* a splice gave up waiting for its writes:
-                                 copy until its queue has drained */
+    bool spl_in;              /* the tunnel's read splices into ipipe */
+    bool ipipe_full;          /* ipipe out of slots: copy until the local
+                                 writer takes bytes out of it */
     uint32_t rd_last;         /* bytes of the last local read */
     uint8_t out_n, out_tx;    /* payloads held; the first out_tx in flight */
     struct mux_out out[MUX_CHAN_OUT];
     struct mux_pipe pipe;     /* spliced payloads waiting for the tunnel */
     /* incoming */
-    struct mux_queue q;
+    struct mux_pipe ipipe;    /* spliced payloads waiting for the local
+                                 socket: written before the queue */
+    struct mux_queue q;       /* ... then these (copied payloads) */
     uint8_t *prefix;          /* attach prefix, written first */
-    size_t nprefix, wr_prefix;
+    size_t nprefix;
     uint64_t last_act;
     struct eng_op rd, wr;
     struct iovec wiov[MUX_WIOV + 1];
@@ -206,19 +216,15 @@ struct mux {
     size_t rx_off, rx_len;
     struct frame_dec *dec;    /* NULL at a frame boundary between reads */
     struct mux_tx *tx;        /* NULL while nothing is to be sent */
-    /* incoming splice: tunnel -> pipe -> spl_c's socket */
+    /* incoming splice: the read in flight moves tunnel -> spl_c->ipipe */
     struct mux_chan *spl_c;
-    struct mux_chan *spl_wait; /* splice waits for its local writes */
-    uint64_t spl_wait_at;     /* ... since (bounded by the tick) */
-    uint8_t *spl_buf;         /* draining the pipe into spl_c's queue */
-    struct mux_pipe pipe;
     /* channels */
     void *root;               /* tsearch tree of open channels by id */
     size_t nchan, nobj;       /* open; allocated (open + closing) */
     struct cds_list_head all, ready;
     struct mux_queue_pool pool;
     /* timers */
-    struct timer tick;        /* periodic; sooner while a splice waits */
+    struct timer tick;        /* periodic */
     uint64_t last_act, next_ping, pong_deadline;
     struct eng_op rd, wr;
     struct eng_defer flush_d, start_d, dead_d, free_d;
@@ -354,6 +360,13 @@ static inline void pipe_put(struct mux *m, struct mux_pipe *p)
     pipe_init(p);
 }
 
+/* What c received and has not written to its local socket yet: its
+ * pipe's bytes, then its queue's (the water marks and in_limit). */
+static inline size_t chan_held(const struct mux_chan *c)
+{
+    return c->q.bytes + c->ipipe.n;
+}
+
 static inline bool ctl_full(const struct mux *m)
 {
     return m->tx != NULL && m->tx->ctl_n >= MUX_CTL_MAX;
@@ -401,25 +414,28 @@ void mrx_cb(struct eng_op *op, int res);
 void mrx_start_cb(struct eng_defer *d);
 /* Give the receive buffer back. */
 void mrx_release(struct mux *m);
-/* PAUSE the peer once c's incoming queue crosses in_high. */
+/* PAUSE the peer once c's incoming bytes (chan_held) cross in_high. */
 void mrx_chan_water(struct mux *m, struct mux_chan *c);
-/* Start a local send of c's prefix and queue, unless one is in flight. */
+/* Start c's next local write (prefix, then pipe, then queue), unless one
+ * is in flight. */
 void mrx_chan_kick_write(struct mux_chan *c);
 /* The local send's callback (c->wr). */
 void mrx_chan_wr_cb(struct eng_op *op, int res);
-/* Drop c's queue and prefix now (no local send may borrow them) ... */
+/* What follows any local write (res < 0: it failed), its bytes counted:
+ * drop everything or RESUME, write on, finish closing. */
+void mrx_chan_wr_next(struct mux_chan *c, int res);
+/* Drop c's queue, prefix and pipe now (no local write may borrow them)
+ * ... */
 void mrx_queue_free(struct mux_chan *c);
-/* ... or once the send borrowing them returns. */
+/* ... or once the write borrowing them returns. */
 void mrx_queue_drop(struct mux_chan *c);
 
 /* ---- mux_splice.c --------------------------------------------------------- */
 
-/* At the end of the rx buffer: splice the DATA payload in progress, or wait
- * for its channel's writes. True when it took over the tunnel's reading. */
+/* At the end of the rx buffer: splice the DATA payload in progress into
+ * its channel's pipe. True when it took over the tunnel's reading. */
 bool mspl_start(struct mux *m);
-/* Back to the copy path; harmless when no splice runs (free_cb). */
-void mspl_end(struct mux *m);
-/* Stop waiting for a channel's writes; the tunnel is read at end of turn. */
-void mspl_wait_end(struct mux *m);
+/* Splice c's pipe to its local socket (c->wr, which must be idle). */
+void mspl_write(struct mux_chan *c);
 
 #endif /* CORE_MUX_IMPL_H */

@@ -1,6 +1,7 @@
 /* core/mux_rx.c - the multiplexer's incoming direction (see mux_impl.h):
  * the tunnel is read and decoded, frames act on their channels, DATA goes
- * into each channel's incoming queue and from there to its local socket.
+ * into each channel's incoming queue (or its pipe: mux_splice.c) and from
+ * there to its local socket.
  */
 #include "core/mux_impl.h"
 
@@ -12,7 +13,9 @@
 
 /* ---- the incoming queue --------------------------------------------------- */
 
-/* Drop the queue and the prefix. Only when no local send borrows them. */
+/* Drop the queue, the prefix and the pipe (closed with its bytes, never
+ * reused). Only when no local write borrows them; the pipe stays while
+ * the tunnel splices into it (spl_in_cb closes it then). */
 void mrx_queue_free(struct mux_chan *c)
 {
     if (c->q_doomed) {
@@ -23,11 +26,13 @@ void mrx_queue_free(struct mux_chan *c)
     free(c->prefix);
     c->prefix = NULL;
     c->nprefix = 0;
+    if (!c->spl_in)
+        pipe_put(c->m, &c->ipipe);
 }
 
-/* Drop the queue of a channel that gives up on its local writes: now, or
- * when the send borrowing it returns (cancelled here). Until then its
- * bytes count as doomed, not against tunnel_in_limit. */
+/* Drop the queue and pipe of a channel that gives up on its local writes:
+ * now, or when the write borrowing them returns (cancelled here). Until
+ * then its queue's bytes count as doomed, not against tunnel_in_limit. */
 void mrx_queue_drop(struct mux_chan *c)
 {
     if (!c->wr_busy) {
@@ -41,19 +46,24 @@ void mrx_queue_drop(struct mux_chan *c)
     eng_cancel(&c->wr);
 }
 
-/* ---- local socket: write side (incoming queue -> local) ------------------ */
+/* ---- local socket: write side (pipe, then queue -> local) ---------------- */
 
+/* One write op per channel, in stream order: the attach prefix (nothing
+ * is spliced while it is pending), then the pipe's bytes, then the
+ * queue's (which all came after the pipe's). */
 void mrx_chan_kick_write(struct mux_chan *c)
 {
     int n = 0;
 
-    if (c->fd < 0 || c->wr_busy || c->spl_wr || c->m->closing)
+    if (c->fd < 0 || c->wr_busy || c->m->closing || (c->closing && !c->draining))
         return;
-    c->wr_prefix = 0;
-    if (c->prefix != NULL) {
-        c->wiov[n++] = (struct iovec){ c->prefix, c->nprefix };
-        c->wr_prefix = c->nprefix;
+    if (c->prefix == NULL && c->ipipe.n > 0) {
+        mspl_write(c);
+        return;
     }
+    c->wr_prefix = c->prefix != NULL;
+    if (c->wr_prefix)
+        c->wiov[n++] = (struct iovec){ c->prefix, c->nprefix };
     n += mux_queue_iov(&c->q, c->wiov + n, MUX_WIOV);
     if (n == 0)
         return;
@@ -61,13 +71,10 @@ void mrx_chan_kick_write(struct mux_chan *c)
     eng_send(c->m->e, &c->wr, c->fd, c->wiov, n);
 }
 
-void mrx_chan_wr_cb(struct eng_op *op, int res)
+void mrx_chan_wr_next(struct mux_chan *c, int res)
 {
-    struct mux_chan *c = caa_container_of(op, struct mux_chan, wr);
     struct mux *m = c->m;
-    size_t n;
 
-    c->wr_busy = false;
     if (res < 0 || (c->closing && !c->draining)) {
         mrx_queue_free(c);
         if (c->closing) {
@@ -78,23 +85,7 @@ void mrx_chan_wr_cb(struct eng_op *op, int res)
         }
         return;
     }
-    n = (size_t)res;
-    if (c->wr_prefix > 0) {
-        n -= c->wr_prefix;
-        free(c->prefix);
-        c->prefix = NULL;
-        c->nprefix = c->wr_prefix = 0;
-    }
-    mux_queue_consume(&c->q, &m->pool, n);
-    m->cfg.group->st.bytes_to_local += n;
-    m->tally.bytes_to_local += n;
-    c->last_act = now_ms(m);
-    if (c->q.bytes == 0) {
-        c->spl_slow = false; /* its reader caught up */
-        if (m->spl_wait == c && c->prefix == NULL)
-            mspl_wait_end(m);
-    }
-    if (c->under_water && c->q.bytes <= m->cfg.in_low) {
+    if (c->under_water && chan_held(c) <= m->cfg.in_low) {
         c->under_water = false;
         if (!c->closing && c->pause_sent)
             mtx_ready_add(c);
@@ -103,12 +94,36 @@ void mrx_chan_wr_cb(struct eng_op *op, int res)
     mux_chan_check(c);
 }
 
+void mrx_chan_wr_cb(struct eng_op *op, int res)
+{
+    struct mux_chan *c = caa_container_of(op, struct mux_chan, wr);
+    struct mux *m = c->m;
+    size_t n = res > 0 ? (size_t)res : 0;
+
+    c->wr_busy = false;
+    if (res >= 0 && !(c->closing && !c->draining)) {
+        if (c->wr_prefix) {
+            n -= c->nprefix;
+            free(c->prefix);
+            c->prefix = NULL;
+            c->nprefix = 0;
+            c->wr_prefix = false;
+        }
+        mux_queue_consume(&c->q, &m->pool, n);
+        m->cfg.group->st.bytes_to_local += n;
+        m->tally.bytes_to_local += n;
+        c->last_act = now_ms(m);
+    }
+    mrx_chan_wr_next(c, res);
+}
+
 /* ---- the tunnel: receiving ----------------------------------------------- */
 
-/* Incoming queue crossed in_high: PAUSE the peer (protocol >= 1). */
+/* Incoming bytes (pipe and queue) crossed in_high: PAUSE the peer
+ * (protocol >= 1). */
 void mrx_chan_water(struct mux *m, struct mux_chan *c)
 {
-    if (m->cfg.version >= 1 && !c->under_water && c->q.bytes >= m->cfg.in_high) {
+    if (m->cfg.version >= 1 && !c->under_water && chan_held(c) >= m->cfg.in_high) {
         c->under_water = true;
         if (!c->pause_sent)
             mtx_ready_add(c);
@@ -140,7 +155,13 @@ static void biggest_walk(const void *node, VISIT which, void *ctx)
 /* The tunnel's incoming queues together passed tunnel_in_limit: close the
  * channel holding the most (CLOSE sent, counted as queue_limit). Closing
  * the biggest, not the one that just received, keeps a slow reader from
- * getting well-behaved channels of the same tunnel closed. */
+ * getting well-behaved channels of the same tunnel closed.
+ * Pipes count in neither the limit nor the walk: the limit bounds this
+ * process's heap (queue chunks, which only in_limit bounds per channel),
+ * while a pipe's bytes sit in kernel pages, at most its capacity
+ * (ENG_PIPE_SIZE) per channel and capped per user by the kernel's pipe
+ * limits; and closing a channel for its pipe would not bring the queues
+ * below the limit. */
 static void tunnel_overflow(struct mux *m)
 {
     struct mux_chan *best = NULL;
@@ -161,10 +182,14 @@ static void on_data(struct mux *m, const struct frame_ev *ev)
             drop_unknown(m, ev->id);
         return;
     }
-    if (ev->offset == 0 && c->q.bytes >= m->cfg.in_limit) {
+    if (ev->offset == 0 && chan_held(c) >= m->cfg.in_limit) {
         mux_chan_end(c, MUX_R_QUEUE_LIMIT, true, false);
         return;
     }
+    /* Back to small payloads with an empty pipe: close it, as the outgoing
+     * side does (two fds per channel that no longer streams). */
+    if (ev->offset == 0 && ev->size < spl_min(m, true) && c->ipipe.n == 0 && !c->spl_in)
+        pipe_put(m, &c->ipipe);
     /* A PENDING channel's first frame stays contiguous for mux_chan_peek. */
     if (ev->len > 0 && mux_queue_append(&c->q, &m->pool, ev->data, ev->len,
                                         c->fd < 0 ? ev->size : 0) != 0) {
@@ -389,7 +414,7 @@ void mrx_start_cb(struct eng_defer *d)
 {
     struct mux *m = caa_container_of(d, struct mux, start_d);
 
-    /* Not while a splice or a wait owns the tunnel's reading. */
-    if (!m->closing && !m->rd_busy && m->spl_c == NULL && m->spl_wait == NULL)
+    /* Not while a read (or a splice) is in flight. */
+    if (!m->closing && !m->rd_busy)
         mrx_process(m);
 }

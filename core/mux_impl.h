@@ -51,9 +51,13 @@
  * - A channel's incoming bytes are its pipe's (ipipe.n), then its queue's:
  *   the queue only ever holds bytes that came after everything in the
  *   pipe, so the tunnel splices into the pipe only while the queue is
- *   empty, and the local writer (c->wr, one op) empties the pipe before it
- *   sends queue bytes (an attach prefix goes before both: nothing is
- *   spliced while one is pending). Water marks and in_limit count both.
+ *   empty. Once a channel has a pipe, its queue is moved into the pipe
+ *   whenever there is room (one copy, as a send would be) and the socket
+ *   is written from the pipe only (c->wr, one op): the queue then holds
+ *   only what did not fit, and the tunnel splices again as soon as the
+ *   pipe has room, not once a slow reader has caught up. An attach prefix
+ *   goes before both (nothing is spliced while one is pending). Water
+ *   marks and in_limit count both.
  * - Idle memory: a tunnel with nothing in flight holds no receive buffer
  *   (the engine picks one when data arrives and it goes back at the end of
  *   the callback, unless the decoder stalls: then the rest is copied), no
@@ -138,6 +142,7 @@ struct mux_chan {
     enum mux_reason why;
     bool closing, draining, reported, fin_queued;
     bool wr_prefix;           /* the send in flight starts with prefix */
+    bool wr_q;                /* ... and borrows queue chunks */
     /* outgoing */
     bool need_new, need_close, on_ready;
     bool peer_paused;         /* PAUSE received */
@@ -435,6 +440,8 @@ void mrx_queue_drop(struct mux_chan *c);
 /* At the end of the rx buffer: splice the DATA payload in progress into
  * its channel's pipe. True when it took over the tunnel's reading. */
 bool mspl_start(struct mux *m);
+/* Move what fits of c's queue into its pipe (no send may borrow it). */
+void mspl_queue_in(struct mux_chan *c);
 /* Splice c's pipe to its local socket (c->wr, which must be idle). */
 void mspl_write(struct mux_chan *c);
 

@@ -50,12 +50,18 @@ void mrx_queue_drop(struct mux_chan *c)
 
 /* One write op per channel, in stream order: the attach prefix (nothing
  * is spliced while it is pending), then the pipe's bytes, then the
- * queue's (which all came after the pipe's). */
+ * queue's (which all came after the pipe's). A channel with a pipe moves
+ * its queue into it (behind the bytes being spliced out, even while that
+ * splice runs) and writes the socket from the pipe only. */
 void mrx_chan_kick_write(struct mux_chan *c)
 {
     int n = 0;
 
-    if (c->fd < 0 || c->wr_busy || c->m->closing || (c->closing && !c->draining))
+    if (c->fd < 0 || c->m->closing || (c->closing && !c->draining))
+        return;
+    if (c->prefix == NULL)
+        mspl_queue_in(c);
+    if (c->wr_busy)
         return;
     if (c->prefix == NULL && c->ipipe.n > 0) {
         mspl_write(c);
@@ -67,7 +73,7 @@ void mrx_chan_kick_write(struct mux_chan *c)
     n += mux_queue_iov(&c->q, c->wiov + n, MUX_WIOV);
     if (n == 0)
         return;
-    c->wr_busy = true;
+    c->wr_busy = c->wr_q = true;
     eng_send(c->m->e, &c->wr, c->fd, c->wiov, n);
 }
 
@@ -100,7 +106,7 @@ void mrx_chan_wr_cb(struct eng_op *op, int res)
     struct mux *m = c->m;
     size_t n = res > 0 ? (size_t)res : 0;
 
-    c->wr_busy = false;
+    c->wr_busy = c->wr_q = false;
     if (res >= 0 && !(c->closing && !c->draining)) {
         if (c->wr_prefix) {
             n -= c->nprefix;

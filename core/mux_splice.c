@@ -13,8 +13,12 @@
  *     after the pipe's bytes); at the payload's end a header-only read,
  *     so that the next large payload splices too.
  *   writer side (c->wr): while ipipe holds bytes, eng_splice ipipe ->
- *     local socket, ENG_SPLICE_OUT (all of them: it waits for the socket,
- *     which holds up nobody but this channel), then the queue.
+ *     local socket, ENG_SPLICE_OUT, up to MUX_SPLICE_OUT_CHUNK at a time
+ *     (it waits for the socket, which holds up nobody but this channel;
+ *     each piece frees room in the pipe). Copied payloads (the queue) are
+ *     written into the pipe behind the spliced ones whenever it has room
+ *     (mspl_queue_in: one copy, as the send it replaces), so the queue
+ *     empties as soon as the pipe has room and the tunnel splices again.
  *
  * The tunnel never waits for a local writer: a slow reader's pipe fills
  * up, its later payloads are copied into its queue, and the water marks
@@ -24,8 +28,15 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <urcu/compiler.h>
+
+/* Bytes per pipe -> socket splice: each one that returns frees room in
+ * the pipe for the tunnel (and the queue) while a slow reader takes the
+ * rest. */
+#define MUX_SPLICE_OUT_CHUNK ENG_PBUF_BIG
 
 static void spl_in_cb(struct eng_op *op, int res);
 static void spl_out_cb(struct eng_op *op, int res);
@@ -55,10 +66,14 @@ bool mspl_start(struct mux *m)
     c = chan_find(m, id);
     /* Its queue must be empty: the queue holds only bytes that come after
      * everything in the pipe. A pending prefix is written before both. */
-    if (c == NULL || c->fd < 0 || c->closing || c->prefix != NULL || c->q.bytes > 0 ||
-        c->ipipe_full)
+    if (c == NULL || c->fd < 0 || c->closing || c->prefix != NULL || c->ipipe_full)
         return false;
-    if (!pipe_get(m, &c->ipipe) || c->ipipe.n >= c->ipipe.cap)
+    /* Taken even when this payload cannot splice (queue bytes in a send):
+     * the writer's next turn moves the queue into it. */
+    if (!pipe_get(m, &c->ipipe))
+        return false;
+    mspl_queue_in(c);
+    if (c->q.bytes > 0 || c->ipipe.n >= c->ipipe.cap)
         return false;
     mrx_release(m);
     spl_read(m, c, left);
@@ -125,11 +140,41 @@ static void spl_in_cb(struct eng_op *op, int res)
     mrx_process(m);
 }
 
+/* A pipe write never waits (O_NONBLOCK) and is no socket op: it is done
+ * here, not through the engine. Partial is fine; a full pipe (bytes or
+ * slots) leaves the rest queued for the writer's next turn. */
+void mspl_queue_in(struct mux_chan *c)
+{
+    struct iovec iov[MUX_WIOV];
+    size_t room, n = 0;
+    ssize_t w;
+    int cnt, i;
+
+    if (c->q.bytes == 0 || c->wr_q || c->ipipe.fd[1] < 0 || c->ipipe.n >= c->ipipe.cap)
+        return;
+    room = (size_t)c->ipipe.cap - c->ipipe.n;
+    cnt = mux_queue_iov(&c->q, iov, MUX_WIOV);
+    for (i = 0; i < cnt && n < room; i++) {
+        if (iov[i].iov_len > room - n)
+            iov[i].iov_len = room - n;
+        n += iov[i].iov_len;
+    }
+    do {
+        w = writev(c->ipipe.fd[1], iov, i);
+    } while (w < 0 && errno == EINTR);
+    if (w <= 0)
+        return;
+    mux_queue_consume(&c->q, &c->m->pool, (size_t)w);
+    c->ipipe.n += (uint32_t)w;
+}
+
 void mspl_write(struct mux_chan *c)
 {
+    uint32_t n = c->ipipe.n > MUX_SPLICE_OUT_CHUNK ? MUX_SPLICE_OUT_CHUNK : c->ipipe.n;
+
     c->wr.cb = spl_out_cb;
     c->wr_busy = true;
-    eng_splice(c->m->e, &c->wr, c->fd, c->ipipe.fd[0], c->ipipe.n, ENG_SPLICE_OUT);
+    eng_splice(c->m->e, &c->wr, c->fd, c->ipipe.fd[0], n, ENG_SPLICE_OUT);
 }
 
 static void spl_out_cb(struct eng_op *op, int res)

@@ -617,6 +617,8 @@ struct sink {
     int fd;
     uint8_t seed;
     uint64_t got, want, done_ms;
+    uint64_t stop_at;             /* > 0: stall once this much is read */
+    size_t chunk;                 /* > 0: recv at most this (a slow reader) */
     struct csum sum;
     bool stalled, armed, eof, bad, full;
     int err;
@@ -627,10 +629,12 @@ static void sink_arm(struct sink *s)
 {
     size_t in = (size_t)(s->got % PAT_BLOCK), n = PAT_BLOCK - in;
 
-    if (s->armed || s->stalled || s->eof || s->err != 0)
+    if (s->armed || s->stalled || s->eof || s->err != 0 || (s->stop_at > 0 && s->got >= s->stop_at))
         return;
     if (n > IOBUF)
         n = IOBUF;
+    if (s->chunk > 0 && n > s->chunk)
+        n = s->chunk;
     s->armed = true;
     eng_recv(s->e, &s->op, s->fd, s->block + in, n);
 }
@@ -692,6 +696,7 @@ static struct sink *sink_start(struct fx *f, int fd, uint8_t seed, uint64_t want
 static void sink_resume(struct sink *s)
 {
     s->stalled = false;
+    s->stop_at = 0;
     sink_arm(s);
 }
 
@@ -1555,13 +1560,309 @@ MUX_TEST(late_open_beside_stalled_reader)
     late_open_case(kind, MUX_SPLICE_ON, true);
 }
 
-/* With every payload spliced, a stalled reader still holds up nobody: the
- * splice that cannot finish moves the rest to that channel's queue. */
+/* With every payload spliced, a stalled reader still holds up nobody: its
+ * pipe fills, the rest goes to its queue, and the water marks PAUSE it. */
 MUX_TEST(stalled_channel_isolated_splice)
 {
     pat_init();
     isolation_case(kind, 2, MUX_SPLICE_ON);
     isolation_case(kind, 1, MUX_SPLICE_ON);
+}
+
+/* ---- tests: the incoming splice (per-channel pipes) ----------------------- */
+
+/* Open n gateway channels over a TCP tunnel whose only splicing side is
+ * the client's incoming one (gateway splice off, no client -> gateway
+ * bulk), so that eng_stats()->splices counts incoming splices alone.
+ * The client reads the tunnel 64 KiB at a time: 256 KiB payloads then
+ * run past the end of its buffer whatever the engine's timing (with
+ * reads as large as payloads, their ends can stay aligned). */
+static void spl_fx(struct fx *f, enum eng_kind kind, unsigned version, enum mux_splice spl,
+                   int n)
+{
+    int i;
+
+    fx_init(f, kind, version);
+    f->gcfg.splice = MUX_SPLICE_OFF;
+    f->ccfg.splice = spl;
+    f->ccfg.rx_size = 64u << 10;
+    fx_start(f, TC_AES_GCM, true);
+    for (i = 0; i < n; i++) {
+        struct net_addr caller = ip4(192, 0, 2, 70, (uint16_t)i);
+
+        gw_open(f, &caller, NULL, 0);
+    }
+    wait_new(f, n);
+}
+
+/* Several channels, every local reader slower than the tunnel (small
+ * recvs): large payloads still go through each channel's pipe (the old
+ * tunnel-wide pipe copied as soon as a second channel was open and the
+ * writer busy), and every stream arrives exact and in order. */
+static void slow_readers_case(enum eng_kind kind, unsigned version, enum mux_splice spl)
+{
+    enum { N = 3 };
+    const uint64_t total = 16u << 20;
+    struct pump *p[N];
+    struct sink *s[N];
+    uint64_t splices0;
+    struct fx f;
+    int i;
+
+    spl_fx(&f, kind, version, spl, N);
+    splices0 = eng_stats(f.e)->splices;
+    for (i = 0; i < N; i++) {
+        int j = cl_of(&f, i);
+
+        s[i] = sink_start(&f, f.c.endfd[j], (uint8_t)(80 + i), total, true);
+        s[i]->chunk = 16u << 10;
+        sink_resume(s[i]);
+        p[i] = pump_start(&f, f.devfd[i], (uint8_t)(80 + i), total);
+    }
+    for (i = 0; i < N; i++) {
+        cr_assert(run_until(&f, flag_set, &s[i]->full, 60000), "stream %d: %llu of %llu", i,
+                  (unsigned long long)s[i]->got, (unsigned long long)total);
+        cr_assert(!s[i]->bad, "stream %d corrupted or reordered", i);
+        cr_assert(csum_eq(&s[i]->sum, &p[i]->sum), "stream %d checksum mismatch", i);
+    }
+    cr_assert_eq(st(&f.c)->bytes_to_local, N * total);
+    cr_assert_eq(st(&f.g)->bytes_from_local, N * total);
+    /* ~N * total bytes through 1 MiB pipes: at least one splice in and
+     * one out per MiB when every large payload splices; copying them all
+     * would make none. Half of that leaves room for payloads copied
+     * while a pipe was full. */
+    cr_assert_geq(eng_stats(f.e)->splices - splices0, N * (total >> 20),
+                  "%llu splices for %d x %llu MiB",
+                  (unsigned long long)(eng_stats(f.e)->splices - splices0), N,
+                  (unsigned long long)(total >> 20));
+    cr_assert_eq(f.c.nclosed + f.g.nclosed, 0);
+    fx_end(&f);
+    for (i = 0; i < N; i++) {
+        free(p[i]);
+        free(s[i]);
+    }
+}
+
+MUX_TEST(slow_readers_splice)
+{
+    pat_init();
+    slow_readers_case(kind, 2, MUX_SPLICE_AUTO);
+    slow_readers_case(kind, 0, MUX_SPLICE_ON);
+}
+
+static bool gw0_paused(struct fx *f, void *arg)
+{
+    return mux_chan_paused(f->gwc[0]);
+}
+
+/* One reader stalls: its payloads fill its pipe (the water marks count
+ * pipe bytes: in_high is below the pipe's size, so it PAUSEs on them),
+ * while the other channel on the same tunnel keeps streaming through its
+ * own pipe. Once the reader reads again, everything arrives in order. */
+static void stalled_pipe_case(enum eng_kind kind, unsigned version)
+{
+    const uint64_t total = 8u << 20;
+    struct net_addr caller = ip4(192, 0, 2, 71, 0);
+    struct pump *pa, *pb;
+    struct sink *sa, *sb;
+    uint64_t spl_before;
+    struct fx f;
+    int ja, jb;
+
+    fx_init(&f, kind, version);
+    f.gcfg.splice = MUX_SPLICE_OFF;
+    f.ccfg.splice = MUX_SPLICE_AUTO;
+    f.ccfg.in_high = 512u << 10;
+    f.ccfg.in_low = 128u << 10;
+    f.ccfg.rx_size = 64u << 10; /* see spl_fx */
+    fx_start(&f, TC_AES_GCM, true);
+    gw_open(&f, &caller, NULL, 0);
+    gw_open(&f, &caller, NULL, 0);
+    wait_new(&f, 2);
+    ja = cl_of(&f, 0);
+    jb = cl_of(&f, 1);
+    /* channel a streams (through its pipe), then its reader stops */
+    sa = sink_start(&f, f.c.endfd[ja], 90, total, true);
+    sa->stop_at = 2u << 20;
+    sink_resume(sa);
+    sa->stop_at = 2u << 20;
+    pa = pump_start(&f, f.devfd[0], 90, total);
+    cr_assert(run_until(&f, gw0_paused, NULL, 5000), "the stalled channel never paused");
+    spl_before = eng_stats(f.e)->splices;
+    cr_assert_gt(spl_before, 0, "the stalled channel's payloads were not spliced");
+    cr_assert_geq(mux_chan_queued(f.c.chans[ja]), f.ccfg.in_high);
+    /* the other channel streams meanwhile, through its pipe */
+    sb = sink_start(&f, f.c.endfd[jb], 91, total, false);
+    pb = pump_start(&f, f.devfd[1], 91, total);
+    cr_assert(run_until(&f, flag_set, &sb->full, 20000));
+    cr_assert(!sb->bad);
+    cr_assert(csum_eq(&sb->sum, &pb->sum), "checksum mismatch");
+    cr_assert_gt(eng_stats(f.e)->splices, spl_before + 2);
+    cr_assert_lt(sa->got, total);
+    cr_assert(mux_chan_paused(f.gwc[0]), "still paused: its reader takes nothing");
+    /* the stalled reader reads again: RESUME, and its bytes come in order */
+    sink_resume(sa);
+    cr_assert(run_until(&f, flag_set, &sa->full, 20000));
+    cr_assert(!sa->bad, "pipe and queue bytes out of order");
+    cr_assert(csum_eq(&sa->sum, &pa->sum), "checksum mismatch");
+    cr_assert_geq(st(&f.c)->resumes_sent, 1);
+    cr_assert_eq(st(&f.c)->bytes_to_local, 2 * total);
+    cr_assert_eq(f.c.nclosed + f.g.nclosed, 0);
+    fx_end(&f);
+    free(pa);
+    free(pb);
+    free(sa);
+    free(sb);
+}
+
+MUX_TEST(stalled_reader_pipe_pauses)
+{
+    pat_init();
+    stalled_pipe_case(kind, 2);
+    stalled_pipe_case(kind, 1);
+}
+
+static bool close_seen(struct fx *f, void *arg)
+{
+    return st(&f->c)->frames_in[2] >= 1;
+}
+
+/* A peer CLOSE while the channel's pipe and queue both hold bytes (v0: no
+ * PAUSE, so the reader's stall leaves all of it with the client): the
+ * channel drains its pipe, then its queue, then closes; nothing lost,
+ * nothing reordered, every fd (pipe included) closed. */
+static void drain_case(enum eng_kind kind, enum mux_splice spl)
+{
+    const uint64_t total = 6u << 20;
+    struct pump *p;
+    struct sink *s;
+    struct fx f;
+    int j;
+
+    spl_fx(&f, kind, 0, spl, 1);
+    j = cl_of(&f, 0);
+    /* the reader takes the first MiB (the channel streams through its
+     * pipe), then stops: the pipe fills, the rest is queued */
+    s = sink_start(&f, f.c.endfd[j], 95, total, true);
+    s->stop_at = 1u << 20;
+    sink_resume(s);
+    s->stop_at = 1u << 20;
+    p = pump_start(&f, f.devfd[0], 95, total);
+    cr_assert(run_until(&f, flag_set, &p->done, 10000));
+    cr_assert_eq(p->err, 0);
+    shutdown(f.devfd[0], SHUT_WR);
+    cr_assert(run_until(&f, close_seen, NULL, 5000), "no CLOSE reached the client");
+    cr_assert_gt(eng_stats(f.e)->splices, 0, "nothing was spliced");
+    cr_assert_eq(f.c.nclosed, 0, "closed before its bytes were written");
+    s->want = total;
+    sink_resume(s);
+    cr_assert(run_until(&f, flag_set, &s->eof, 10000));
+    cr_assert_eq(s->got, total);
+    cr_assert(!s->bad, "pipe then queue: bytes out of order");
+    cr_assert(wait_count(&f, &f.c.nclosed, 1, 3000));
+    cr_assert_eq(f.c.why[j], MUX_R_PEER_CLOSE);
+    cr_assert_eq(st(&f.c)->bytes_to_local, total);
+    cr_assert_eq(mux_channels(f.c.m), 0);
+    fx_end(&f);
+    free(p);
+    free(s);
+}
+
+MUX_TEST(drain_writes_pipe_then_queue)
+{
+    pat_init();
+    drain_case(kind, MUX_SPLICE_AUTO);
+    drain_case(kind, MUX_SPLICE_ON);
+}
+
+/* A channel's pipe is closed when it goes back to small payloads with
+ * its pipe empty (auto), when it is closed with bytes still in its pipe,
+ * and when it drains and closes (on), while the tunnel stays up. Counted
+ * in the process's fds, test-side ends aside. */
+static int mux_fds(struct fx *f)
+{
+    return count_fds() - f->nown;
+}
+
+static bool gw1_paused(struct fx *f, void *arg)
+{
+    return mux_chan_paused(f->gwc[1]);
+}
+
+static void pipe_small_case(enum eng_kind kind)
+{
+    const uint64_t total = 4u << 20;
+    struct pump *p;
+    struct sink *s;
+    struct fx f;
+    int j, base;
+
+    spl_fx(&f, kind, 2, MUX_SPLICE_AUTO, 1);
+    j = cl_of(&f, 0);
+    base = mux_fds(&f);
+    s = sink_start(&f, f.c.endfd[j], 97, total, false);
+    p = pump_start(&f, f.devfd[0], 97, total);
+    cr_assert(run_until(&f, flag_set, &s->full, 20000));
+    cr_assert(!s->bad);
+    cr_assert_gt(eng_stats(f.e)->pipes_made, 0, "never spliced");
+    s->want = total + 1; /* the sink is still reading */
+    s->full = false;
+    write_all(&f, f.devfd[0], "x", 1);
+    cr_assert(run_until(&f, flag_set, &s->full, 3000));
+    cr_assert_eq(mux_fds(&f), base, "a small payload closes the empty pipe");
+    shutdown(f.devfd[0], SHUT_WR);
+    cr_assert(wait_count(&f, &f.c.nclosed, 1, 3000));
+    cr_assert(wait_count(&f, &f.g.nclosed, 1, 3000));
+    run_for(&f, 50);
+    cr_assert_eq(mux_fds(&f), base - 2, "both channel sockets closed");
+    fx_end(&f);
+    free(p);
+    free(s);
+}
+
+static void pipe_close_case(enum eng_kind kind)
+{
+    struct pump *p;
+    struct fx f;
+    char buf[4];
+    int j0, j1, base;
+
+    spl_fx(&f, kind, 2, MUX_SPLICE_ON, 2);
+    j0 = cl_of(&f, 0);
+    j1 = cl_of(&f, 1);
+    base = mux_fds(&f);
+    /* channel 1's reader never reads: its pipe fills, then it pauses */
+    p = pump_start(&f, f.devfd[1], 98, 16u << 20);
+    cr_assert(run_until(&f, gw1_paused, NULL, 5000));
+    /* on: every client channel also holds an outgoing pipe (c->pipe, its
+     * reads splice from the first), counted in base */
+    cr_assert_eq(mux_fds(&f), base + 2, "channel 1 holds an incoming pipe");
+    /* closed with bytes in its pipe: dropped, the pipe closed */
+    mux_chan_close(f.c.chans[j1], MUX_R_NONE);
+    cr_assert(wait_count(&f, &f.c.nclosed, 1, 3000));
+    cr_assert(wait_count(&f, &f.g.nclosed, 1, 3000));
+    run_for(&f, 50);
+    cr_assert_eq(mux_fds(&f), base - 4, "channel 1's pipes and sockets closed: %d, base %d",
+                 mux_fds(&f), base);
+    /* channel 0 relays a little, then the device ends it: drained and
+     * closed, its pipes too */
+    write_all(&f, f.devfd[0], "end", 3);
+    read_exact(&f, f.c.endfd[j0], buf, 3, 3000);
+    shutdown(f.devfd[0], SHUT_WR);
+    cr_assert(wait_count(&f, &f.c.nclosed, 2, 3000));
+    cr_assert(wait_count(&f, &f.g.nclosed, 2, 3000));
+    run_for(&f, 50);
+    cr_assert_eq(mux_fds(&f), base - 8, "every channel socket and pipe closed");
+    cr_assert(!f.g.dead && !f.c.dead);
+    fx_end(&f);
+    free(p);
+}
+
+MUX_TEST(pipes_closed_with_channels)
+{
+    pat_init();
+    pipe_small_case(kind);
+    pipe_close_case(kind);
 }
 
 /* ---- tests: ping, idle --------------------------------------------------- */

@@ -170,6 +170,9 @@ struct mux_chan *mux_chan_new(struct mux *m, const uint8_t id[FRAME_ID_LEN],
     eng_op_init(&c->wr, mrx_chan_wr_cb);
     cds_list_add_tail(&c->all, &m->all);
     m->nchan++;
+    /* The read waits only for a tunnel's only channel (mux_splice.c). */
+    if (m->spl_wait != NULL)
+        mspl_wait_end(m);
     m->nobj++;
     m->cfg.group->st.chan_opened++;
     m->tally.chan_opened++;
@@ -235,6 +238,8 @@ void mux_chan_end(struct mux_chan *c, enum mux_reason why, bool send_close, bool
         return;
     c->closing = true;
     c->why = why;
+    if (m->spl_wait == c)
+        mspl_wait_end(m);
     m->cfg.group->st.chan_closed[why]++;
     tdelete(c, &m->root, id_cmp);
     if (why != MUX_R_PEER_CLOSE)
@@ -298,10 +303,16 @@ static void tick_cb(struct timer *t)
         mux_ping(m);
         m->next_ping = now + m->cfg.ping_ms;
     }
+    if (m->spl_wait != NULL && now - m->spl_wait_at >= MUX_SPLICE_WAIT_MS) {
+        /* That reader is slow: copy for it until it holds nothing, and
+         * read the tunnel again now. */
+        m->spl_wait->spl_slow = true;
+        mspl_wait_end(m);
+    }
     tick_chans(m, now);
     mux_queue_pool_tick(&m->pool);
     if (!m->closing)
-        eng_timer_add(m->e, &m->tick, m->tick_ms);
+        eng_timer_add(m->e, &m->tick, m->spl_wait != NULL ? MUX_SPLICE_WAIT_MS : m->tick_ms);
 }
 
 /* A quarter of the shortest timeout, so each fires at most 25% late. */

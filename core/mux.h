@@ -33,7 +33,9 @@
  *   records and the kernel's socket buffers).
  * - Incoming: DATA is copied out of the tunnel buffer into the channel's
  *   queue at once (or spliced into its pipe, below), so the tunnel is read
- *   at full speed whatever any one local socket does. Protocol >= 1: a
+ *   at full speed whatever any one local socket does (one exception: a
+ *   tunnel's ONLY channel, whose pipe is full, is waited for up to 20 ms,
+ *   below). Protocol >= 1: a
  *   channel's pipe and queue together crossing in_high queues PAUSE,
  *   coming back to in_low queues RESUME; any version: more than in_limit
  *   held closes that one channel with CLOSE (5.2), and when all the
@@ -133,8 +135,14 @@ const char *mux_reason_name(enum mux_reason r);
  *             payload that does not fit is copied into the queue, which
  *             the channel writes after its pipe (then the next tunnel
  *             read takes one header only, so that the next large payload
- *             splices too). The tunnel never waits on a local reader: the
- *             channel's own write op empties its pipe, then its queue.
+ *             splices too). The channel's own write op empties its pipe,
+ *             then its queue. The tunnel waits on a local reader only when
+ *             the channel is its only open one and its pipe has no room
+ *             (or its queue holds bytes): it is not read until that writer
+ *             frees room, at most MUX_SPLICE_WAIT_MS (20 ms, also the
+ *             latency added for PINGs then); a channel whose wait timed
+ *             out is not waited for again until it holds nothing. With
+ *             several channels it never waits.
  *   outgoing  local socket -> pipe -> tunnel (the frame header goes out
  *             with MSG_MORE, the payload with splice), for a channel whose
  *             last read returned at least the outgoing threshold; a read

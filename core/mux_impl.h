@@ -70,8 +70,14 @@
  *   bytes); in a batch each is a placeholder iovec (&tx->mark) that
  *   tx_step sends with eng_splice from that pipe. Incoming, the tunnel's
  *   read splices into spl_c's ipipe (spl_c->spl_in: that channel is not
- *   freed, its pipe not closed, until it returns); the tunnel never waits
- *   for a local writer. Pipes are closed after use (ipipe: when its
+ *   freed, its pipe not closed, until it returns). The tunnel waits for a
+ *   local writer only for its ONLY open channel (m->spl_wait: not read
+ *   while that channel's pipe has no room or its queue holds bytes, at
+ *   most MUX_SPLICE_WAIT_MS; never with several channels, never again
+ *   for a channel whose wait timed out (spl_slow) until it holds
+ *   nothing); the wait ends from the writer's callback or the tick, and
+ *   the read resumes from start_d (never inside a mux_* call). Closing
+ *   that channel or the tunnel ends it. Pipes are closed after use (ipipe: when its
  *   channel is freed or drops its bytes, or goes back to small payloads
  *   while empty), never handed to another stream.
  * - No channel or tunnel is freed outside an eng_defer callback; hooks
@@ -105,6 +111,10 @@
 /* DATA payloads a channel holds: one in the batch in flight, one read
  * ahead meanwhile. */
 #define MUX_CHAN_OUT 2
+/* Longest the tunnel's read waits for its only channel's local writer to
+ * free room in that channel's pipe: the added latency for PINGs (and
+ * frames of a channel opened meanwhile) behind a slow local reader. */
+#define MUX_SPLICE_WAIT_MS 20
 
 enum ctl_kind {
     CTL_PONG = 1,  /* reply to a PING request */
@@ -159,6 +169,8 @@ struct mux_chan {
                                  writer takes bytes out of it */
     uint32_t rd_last;         /* bytes of the last local read */
     uint8_t out_n, out_tx;    /* payloads held; the first out_tx in flight */
+    bool spl_slow;            /* a wait for its writer timed out: no
+                                 wait again until it holds nothing */
     struct mux_out out[MUX_CHAN_OUT];
     struct mux_pipe pipe;     /* spliced payloads waiting for the tunnel */
     /* incoming */
@@ -223,13 +235,16 @@ struct mux {
     struct mux_tx *tx;        /* NULL while nothing is to be sent */
     /* incoming splice: the read in flight moves tunnel -> spl_c->ipipe */
     struct mux_chan *spl_c;
+    struct mux_chan *spl_wait; /* the read waits for its writer (only
+                                 channel, pipe without room) ... */
+    uint64_t spl_wait_at;     /* ... since (bounded by the tick) */
     /* channels */
     void *root;               /* tsearch tree of open channels by id */
     size_t nchan, nobj;       /* open; allocated (open + closing) */
     struct cds_list_head all, ready;
     struct mux_queue_pool pool;
     /* timers */
-    struct timer tick;        /* periodic */
+    struct timer tick;        /* periodic; sooner while the read waits */
     uint64_t last_act, next_ping, pong_deadline;
     struct eng_op rd, wr;
     struct eng_defer flush_d, start_d, dead_d, free_d;
@@ -438,11 +453,17 @@ void mrx_queue_drop(struct mux_chan *c);
 /* ---- mux_splice.c --------------------------------------------------------- */
 
 /* At the end of the rx buffer: splice the DATA payload in progress into
- * its channel's pipe. True when it took over the tunnel's reading. */
+ * its channel's pipe, or (only channel, no room) wait for its writer.
+ * True when it took over the tunnel's reading. */
 bool mspl_start(struct mux *m);
 /* Move what fits of c's queue into its pipe (no send may borrow it). */
 void mspl_queue_in(struct mux_chan *c);
 /* Splice c's pipe to its local socket (c->wr, which must be idle). */
 void mspl_write(struct mux_chan *c);
+/* c's writer made progress: end the tunnel's wait for it once its queue
+ * is empty and its pipe has room (the read resumes at end of turn). */
+void mspl_wait_check(struct mux *m, struct mux_chan *c);
+/* Stop waiting; the tunnel is read at end of turn (start_d). */
+void mspl_wait_end(struct mux *m);
 
 #endif /* CORE_MUX_IMPL_H */

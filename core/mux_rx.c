@@ -97,6 +97,7 @@ void mrx_chan_wr_next(struct mux_chan *c, int res)
             mtx_ready_add(c);
     }
     mrx_chan_kick_write(c);
+    mspl_wait_check(m, c);
     mux_chan_check(c);
 }
 
@@ -420,7 +421,8 @@ void mrx_start_cb(struct eng_defer *d)
 {
     struct mux *m = caa_container_of(d, struct mux, start_d);
 
-    /* Not while a read (or a splice) is in flight. */
-    if (!m->closing && !m->rd_busy)
+    /* Not while a read (or a splice) is in flight, nor while the read
+     * waits for a local writer. */
+    if (!m->closing && !m->rd_busy && m->spl_wait == NULL)
         mrx_process(m);
 }

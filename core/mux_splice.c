@@ -20,9 +20,16 @@
  *     (mspl_queue_in: one copy, as the send it replaces), so the queue
  *     empties as soon as the pipe has room and the tunnel splices again.
  *
- * The tunnel never waits for a local writer: a slow reader's pipe fills
- * up, its later payloads are copied into its queue, and the water marks
- * (which count both) PAUSE the peer. */
+ * When the pipe has no room (or the queue holds bytes) and the channel
+ * is the tunnel's ONLY open one, the tunnel is not read until its writer
+ * frees room (WAIT: m->spl_wait, ended from the writer's callback once
+ * the queue is empty and the pipe has room), at most MUX_SPLICE_WAIT_MS
+ * (the tick ends it and marks the channel spl_slow: no wait again until
+ * it holds nothing). A stream to one fast reader thus stays on the splice
+ * path (the pipe is smaller than in_high: without the wait, about half
+ * of it would be copied). With several channels the tunnel never waits:
+ * a slow reader's pipe fills up, its later payloads are copied into its
+ * queue, and the water marks (which count both) PAUSE the peer. */
 
 #include "core/mux_impl.h"
 
@@ -66,18 +73,48 @@ bool mspl_start(struct mux *m)
     c = chan_find(m, id);
     /* Its queue must be empty: the queue holds only bytes that come after
      * everything in the pipe. A pending prefix is written before both. */
-    if (c == NULL || c->fd < 0 || c->closing || c->prefix != NULL || c->ipipe_full)
+    if (c == NULL || c->fd < 0 || c->closing || c->prefix != NULL)
         return false;
     /* Taken even when this payload cannot splice (queue bytes in a send):
      * the writer's next turn moves the queue into it. */
     if (!pipe_get(m, &c->ipipe))
         return false;
     mspl_queue_in(c);
-    if (c->q.bytes > 0 || c->ipipe.n >= c->ipipe.cap)
-        return false;
+    if (c->q.bytes > 0 || c->ipipe.n >= c->ipipe.cap || c->ipipe_full) {
+        /* No room. Its only reader is busy with earlier bytes: wait for
+         * it (the tunnel is not read meanwhile), unless that would hold
+         * up other channels, or it is known to be slow. */
+        if (m->nchan > 1 || c->spl_slow)
+            return false;
+        mrx_release(m);
+        m->spl_wait = c;
+        m->spl_wait_at = now_ms(m);
+        /* The tick bounds the wait: sooner, never later (waits that start
+         * back to back must not keep postponing it). */
+        if (!m->tick.armed || m->tick.when > m->spl_wait_at + MUX_SPLICE_WAIT_MS)
+            eng_timer_add(m->e, &m->tick, MUX_SPLICE_WAIT_MS);
+        mrx_chan_kick_write(c);
+        return true;
+    }
     mrx_release(m);
     spl_read(m, c, left);
     return true;
+}
+
+void mspl_wait_check(struct mux *m, struct mux_chan *c)
+{
+    if (chan_held(c) == 0)
+        c->spl_slow = false; /* its reader caught up */
+    if (m->spl_wait == c && c->q.bytes == 0 && c->ipipe.n < c->ipipe.cap && !c->ipipe_full)
+        mspl_wait_end(m);
+}
+
+/* Reading the tunnel resumes at the end of the turn (never from inside a
+ * mux_* call: decoding runs hooks). */
+void mspl_wait_end(struct mux *m)
+{
+    m->spl_wait = NULL;
+    eng_defer(m->e, &m->start_d, mrx_start_cb);
 }
 
 /* The tunnel's splice into c's pipe returned: c may be freed again, and

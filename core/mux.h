@@ -237,6 +237,10 @@ void mux_cfg_defaults(struct mux_cfg *cfg, enum tc_side side, unsigned version);
 struct mux_stats {
     uint64_t frames_in[8], frames_out[8]; /* index: mux_flow_index() */
     uint64_t bytes_to_local;              /* DATA payload written locally */
+    uint64_t bytes_queued_in;             /* DATA payload received that
+                                             was copied into a channel's
+                                             incoming queue (the rest was
+                                             spliced into its pipe) */
     uint64_t bytes_from_local;            /* DATA payload read locally */
     uint64_t chan_opened;
     uint64_t chan_closed[MUX_R_COUNT];

@@ -228,6 +228,10 @@ struct mux {
     bool rx_eng;              /* rx is an engine buffer, else malloc'd */
     bool rx_big;              /* last read filled its buffer: read big */
     bool rx_hdr;              /* next read: one header (after a splice) */
+    uint32_t rx_rest;         /* > 0: next read takes this rest of a small
+                                 payload and one header (a channel with
+                                 a pipe: its next payload then starts at
+                                 the buffer's end and splices whole) */
     /* tunnel input: rx[rx_off..rx_len) still to decode */
     uint8_t *rx;
     size_t rx_off, rx_len;

@@ -203,6 +203,7 @@ static void on_data(struct mux *m, const struct frame_ev *ev)
         mux_chan_end(c, MUX_R_LOCAL_ERROR, true, false);
         return;
     }
+    m->cfg.group->st.bytes_queued_in += ev->len;
     if (m->cfg.tunnel_in_limit > 0 && m->pool.bytes - m->q_doomed > m->cfg.tunnel_in_limit) {
         tunnel_overflow(m);
         if (c->closing)
@@ -327,18 +328,22 @@ static int dec_get(struct mux *m)
 
 /* Everything read is decoded: give the buffer back, drop the decoder if
  * no frame is split across reads, and read again (one header only right
- * after a spliced payload, so that the next large one splices too). */
+ * after a spliced payload, or a small payload's rest and one header, so
+ * that the next large one splices too). */
 static void rx_arm(struct mux *m)
 {
-    size_t len = m->rx_hdr ? frame_wire_len(&m->enc, FRAME_PING, 0, NULL)
-                           : read_len(m->cfg.rx_size, m->rx_big);
+    size_t hdr = frame_wire_len(&m->enc, FRAME_PING, 0, NULL);
+    size_t len = m->rx_hdr ? hdr : read_len(m->cfg.rx_size, m->rx_big);
 
+    if (!m->rx_hdr && m->rx_rest > 0 && m->rx_rest + hdr < len)
+        len = m->rx_rest + hdr;
     mrx_release(m);
     if (m->dec != NULL && m->dec->state == m->dec_boundary && m->dec->have == 0) {
         spare_put(&m->cfg.group->spare_dec, m->dec);
         m->dec = NULL;
     }
     m->rx_hdr = false;
+    m->rx_rest = 0;
     m->rd_busy = true;
     eng_recv_pick(m->e, &m->rd, m->fd, len);
     mux_park_if_quiet(m);

@@ -9,9 +9,13 @@
  *     (rest >= spl_min(in)), its channel open, no attach prefix pending,
  *     its queue EMPTY and room in its pipe --> eng_splice tunnel -> ipipe,
  *     ENG_SPLICE_IN, at most the room --> the same payload again while
- *     there is room, else the copy path takes the rest (into the queue,
+ *     there is room, else WAIT (below) or the copy path takes the rest (into the queue,
  *     after the pipe's bytes); at the payload's end a header-only read,
- *     so that the next large payload splices too.
+ *     so that the next large payload splices too. The rest of a payload
+ *     under way into a pipe splices whatever its size (copying it would
+ *     take a full read, and the next payload's head with it); a small
+ *     payload for a channel with a pipe is read alone with the next
+ *     header (m->rx_rest), for the same reason.
  *   writer side (c->wr): while ipipe holds bytes, eng_splice ipipe ->
  *     local socket, ENG_SPLICE_OUT, up to MUX_SPLICE_OUT_CHUNK at a time
  *     (it waits for the socket, which holds up nobody but this channel;
@@ -68,13 +72,24 @@ bool mspl_start(struct mux *m)
     uint32_t left;
     struct mux_chan *c;
 
-    if (m->dec == NULL || !frame_dec_in_data(m->dec, id, &left) || left < spl_min(m, true))
+    if (m->dec == NULL || !frame_dec_in_data(m->dec, id, &left) || left == 0)
         return false;
     c = chan_find(m, id);
     /* Its queue must be empty: the queue holds only bytes that come after
      * everything in the pipe. A pending prefix is written before both. */
     if (c == NULL || c->fd < 0 || c->closing || c->prefix != NULL)
         return false;
+    /* Below the threshold, only the rest of a payload already under way
+     * for a channel that holds a pipe (a splice that ran out of room):
+     * copying it would take a full read, and so the next payload's head
+     * too. */
+    if (left < spl_min(m, true) && (left == m->dec->size || c->ipipe.fd[0] < 0)) {
+        /* A small payload of a streaming channel: read it and the next
+         * header only, so that the next large one splices whole. */
+        if (c->ipipe.fd[0] >= 0)
+            m->rx_rest = left;
+        return false;
+    }
     /* Taken even when this payload cannot splice (queue bytes in a send):
      * the writer's next turn moves the queue into it. */
     if (!pipe_get(m, &c->ipipe))

@@ -9,13 +9,13 @@
  *     (rest >= spl_min(in)), its channel open, no attach prefix pending,
  *     its queue EMPTY and room in its pipe --> eng_splice tunnel -> ipipe,
  *     ENG_SPLICE_IN, at most the room --> the same payload again while
- *     there is room, else WAIT (below) or the copy path takes the rest (into the queue,
- *     after the pipe's bytes); at the payload's end a header-only read,
- *     so that the next large payload splices too. The rest of a payload
- *     under way into a pipe splices whatever its size (copying it would
- *     take a full read, and the next payload's head with it); a small
- *     payload for a channel with a pipe is read alone with the next
- *     header (m->rx_rest), for the same reason.
+ *     there is room, else WAIT (below) or the copy path takes the rest
+ *     (into the queue, after the pipe's bytes); at the payload's end a
+ *     header-only read, so that the next large payload splices too. The
+ *     rest of a payload under way into a pipe splices whatever its size
+ *     (copying it would take a full read, and the next payload's head
+ *     with it); a small payload for a channel with a pipe is read alone
+ *     with the next header (m->rx_rest), for the same reason.
  *   writer side (c->wr): while ipipe holds bytes, eng_splice ipipe ->
  *     local socket, ENG_SPLICE_OUT, up to MUX_SPLICE_OUT_CHUNK at a time
  *     (it waits for the socket, which holds up nobody but this channel;

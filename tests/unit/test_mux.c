@@ -1722,6 +1722,102 @@ MUX_TEST(stalled_reader_pipe_pauses)
     stalled_pipe_case(kind, 1);
 }
 
+/* The tunnel's only channel, its reader slower than the tunnel (small
+ * recvs) but reading: the pipe (1 MiB) is smaller than in_high (2 MiB),
+ * so without the bounded wait for its writer about half of the stream
+ * would overflow into the queue; with it (nearly) everything splices.
+ * Copied: the first payloads (before the pipe, below the threshold) and
+ * whatever a wait that timed out lets through. */
+static void single_slow_case(enum eng_kind kind, unsigned version)
+{
+    const uint64_t total = 32u << 20;
+    struct pump *p;
+    struct sink *s;
+    uint64_t splices0, queued;
+    struct fx f;
+    int j;
+
+    spl_fx(&f, kind, version, MUX_SPLICE_AUTO, 1);
+    splices0 = eng_stats(f.e)->splices;
+    j = cl_of(&f, 0);
+    s = sink_start(&f, f.c.endfd[j], 95, total, true);
+    s->chunk = 16u << 10;
+    sink_resume(s);
+    p = pump_start(&f, f.devfd[0], 95, total);
+    cr_assert(run_until(&f, flag_set, &s->full, 60000), "%llu of %llu",
+              (unsigned long long)s->got, (unsigned long long)total);
+    cr_assert(!s->bad, "corrupted or reordered");
+    cr_assert(csum_eq(&s->sum, &p->sum), "checksum mismatch");
+    cr_assert_eq(st(&f.c)->bytes_to_local, total);
+    queued = st(&f.c)->bytes_queued_in;
+    cr_assert_lt(queued, total / 16, "v%u: %llu of %llu bytes went through the queue", version,
+                 (unsigned long long)queued, (unsigned long long)total);
+    cr_assert_geq(eng_stats(f.e)->splices - splices0, total >> 20);
+    cr_assert_eq(f.c.nclosed + f.g.nclosed, 0);
+    fx_end(&f);
+    free(p);
+    free(s);
+}
+
+MUX_TEST(single_slow_reader_splices)
+{
+    pat_init();
+    single_slow_case(kind, 2);
+    single_slow_case(kind, 0);
+}
+
+static bool pongs_at_least(struct fx *f, void *arg)
+{
+    return f->g.pongs >= *(int *)arg;
+}
+
+/* The tunnel's only channel stops reading with its pipe full: the tunnel
+ * waits for its writer at most MUX_SPLICE_WAIT_MS, then copies (so its
+ * bytes reach in_high and PAUSE the peer), and PINGs are answered all
+ * along; once the reader reads again everything arrives in order. */
+static void single_stalled_case(enum eng_kind kind, unsigned version)
+{
+    const uint64_t total = 8u << 20;
+    struct pump *p;
+    struct sink *s;
+    struct fx f;
+    int i, j;
+
+    spl_fx(&f, kind, version, MUX_SPLICE_AUTO, 1);
+    j = cl_of(&f, 0);
+    s = sink_start(&f, f.c.endfd[j], 96, total, true);
+    s->stop_at = 2u << 20;
+    sink_resume(s);
+    s->stop_at = 2u << 20;
+    p = pump_start(&f, f.devfd[0], 96, total);
+    for (i = 1; i <= 5; i++) {
+        mux_ping(f.g.m);
+        cr_assert(run_until(&f, pongs_at_least, &i, 1000), "v%u ping %d not answered", version,
+                  i);
+    }
+    cr_assert(run_until(&f, gw0_paused, NULL, 5000), "the stalled channel never paused");
+    cr_assert_gt(st(&f.c)->bytes_queued_in, 0, "the wait never timed out");
+    cr_assert_lt(s->got, total);
+    mux_ping(f.g.m);
+    cr_assert(run_until(&f, pongs_at_least, &i, 1000), "v%u ping while paused", version);
+    sink_resume(s);
+    cr_assert(run_until(&f, flag_set, &s->full, 20000));
+    cr_assert(!s->bad, "pipe and queue bytes out of order");
+    cr_assert(csum_eq(&s->sum, &p->sum), "checksum mismatch");
+    cr_assert_eq(st(&f.c)->bytes_to_local, total);
+    cr_assert_eq(f.c.nclosed + f.g.nclosed, 0);
+    fx_end(&f);
+    free(p);
+    free(s);
+}
+
+MUX_TEST(single_stalled_reader_pings)
+{
+    pat_init();
+    single_stalled_case(kind, 2);
+    single_stalled_case(kind, 1);
+}
+
 static bool close_seen(struct fx *f, void *arg)
 {
     return st(&f->c)->frames_in[2] >= 1;

@@ -1724,10 +1724,11 @@ MUX_TEST(stalled_reader_pipe_pauses)
 
 /* The tunnel's only channel, its reader slower than the tunnel (small
  * recvs) but reading: the pipe (1 MiB) is smaller than in_high (2 MiB),
- * so without the bounded wait for its writer about half of the stream
- * would overflow into the queue; with it (nearly) everything splices.
- * Copied: the first payloads (before the pipe, below the threshold) and
- * whatever a wait that timed out lets through. */
+ * so without the bounded wait for its writer a large part of the stream
+ * would overflow into the queue; with it (nearly) everything splices
+ * (bytes_queued_in). Copied: the first payloads (before the pipe), small
+ * payloads (below the threshold), and whatever a wait that timed out
+ * lets through. */
 static void single_slow_case(enum eng_kind kind, unsigned version)
 {
     const uint64_t total = 32u << 20;

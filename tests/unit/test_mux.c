@@ -700,6 +700,13 @@ static void sink_resume(struct sink *s)
     sink_arm(s);
 }
 
+/* Read again, and stall once `at` bytes are in (a reader that stops). */
+static void sink_read_until(struct sink *s, uint64_t at)
+{
+    sink_resume(s);
+    s->stop_at = at;
+}
+
 /* ---- gateway channels ---------------------------------------------------- */
 
 static struct net_addr ip4(uint8_t a, uint8_t b, uint8_t c, uint8_t d, uint16_t port)
@@ -1683,9 +1690,7 @@ static void stalled_pipe_case(enum eng_kind kind, unsigned version)
     jb = cl_of(&f, 1);
     /* channel a streams (through its pipe), then its reader stops */
     sa = sink_start(&f, f.c.endfd[ja], 90, total, true);
-    sa->stop_at = 2u << 20;
-    sink_resume(sa);
-    sa->stop_at = 2u << 20;
+    sink_read_until(sa, 2u << 20);
     pa = pump_start(&f, f.devfd[0], 90, total);
     cr_assert(run_until(&f, gw0_paused, NULL, 5000), "the stalled channel never paused");
     spl_before = eng_stats(f.e)->splices;
@@ -1792,9 +1797,7 @@ static void single_stalled_case(enum eng_kind kind, unsigned version)
     spl_fx(&f, kind, version, MUX_SPLICE_AUTO, 1);
     j = cl_of(&f, 0);
     s = sink_start(&f, f.c.endfd[j], 96, total, true);
-    s->stop_at = 2u << 20;
-    sink_resume(s);
-    s->stop_at = 2u << 20;
+    sink_read_until(s, 2u << 20);
     p = pump_start(&f, f.devfd[0], 96, total);
     for (i = 1; i <= 5; i++) {
         mux_ping(f.g.m);
@@ -1846,9 +1849,7 @@ static void drain_case(enum eng_kind kind, enum mux_splice spl)
     /* the reader takes the first MiB (the channel streams through its
      * pipe), then stops: the pipe fills, the rest is queued */
     s = sink_start(&f, f.c.endfd[j], 95, total, true);
-    s->stop_at = 1u << 20;
-    sink_resume(s);
-    s->stop_at = 1u << 20;
+    sink_read_until(s, 1u << 20);
     p = pump_start(&f, f.devfd[0], 95, total);
     cr_assert(run_until(&f, flag_set, &p->done, 10000));
     cr_assert_eq(p->err, 0);

@@ -84,6 +84,22 @@ def wait_news(tun, want, timeout=10):
         time.sleep(0.05)
 
 
+def load(tun, port):
+    """300 devices over more than a second (past a steering look), all
+    seen by the tunnel."""
+    for _ in range(3):
+        devices(port, 100)
+        time.sleep(0.4)
+    wait_news(tun, 300)
+
+
+def finish(gw, tun):
+    if tun is not None:
+        tun.close()
+    gw.stop()
+    gw.cleanup()
+
+
 def dual(io, extra=()):
     sni, peer = L.free_port(), L.free_port()
     gw = L.Gateway([("sni-listen", "127.0.0.1:%d" % sni),
@@ -114,10 +130,7 @@ def steered(io):
         check(moved == 0, "steered: no handoff, got %g of 100" % moved)
         check(base >= 1, "before steering, hashing handed some over (%g)" % base)
     finally:
-        if tun is not None:
-            tun.close()
-        gw.stop()
-        gw.cleanup()
+        finish(gw, tun)
 
 
 def not_steered(io):
@@ -125,18 +138,12 @@ def not_steered(io):
     tun = None
     try:
         tun = Tunnel(peer)
-        for _ in range(3):
-            devices(sni, 100)
-            time.sleep(0.4)
-        wait_news(tun, 300)
+        load(tun, sni)
         check(metric(gw, "snitun_handoffs_total") >= 1, "--steer off: hashed, some handed over")
         check("steer=off" in gw.text(), "the start-up line says steer=off")
         check("device listeners steered" not in gw.text(), "--steer off: never steered")
     finally:
-        if tun is not None:
-            tun.close()
-        gw.stop()
-        gw.cleanup()
+        finish(gw, tun)
 
 
 def single_port(io):
@@ -145,17 +152,11 @@ def single_port(io):
     tun = None
     try:
         tun = Tunnel(port)
-        for _ in range(3):
-            devices(port, 100)
-            time.sleep(0.4)
-        wait_news(tun, 300)
+        load(tun, port)
         time.sleep(1.2)  # past a steering look
         check("device listeners steered" not in gw.text(), "--listen: never steered")
     finally:
-        if tun is not None:
-            tun.close()
-        gw.stop()
-        gw.cleanup()
+        finish(gw, tun)
 
 
 def main():

@@ -158,38 +158,36 @@ def md_idle(sc):
     return table(head, rows), None
 
 
-def md_ablation_rate(sc):
-    head = ["variant", "channels/s", "open p99 µs", "gateway CPU-s/10k channels",
-            "client CPU-s/10k channels"]
+def ablation_rows(sc, head, cells):
+    """One row per variant: cells(median) after its name, n/a when it has
+    no median."""
     rows = []
     for t in sc.get("targets", []):
         m = sc["median"].get(t)
-        if not m:
-            rows.append([t] + ["n/a"] * (len(head) - 1))
-            continue
-        c = m.get("rate_cpu_per_10k") or {}
-        rows.append([t, fmt(m.get("rate_cps")), fmt(m.get("rate_p99_us")),
-                     fmt(c.get("gateway")), fmt(c.get("client"))])
-    return table(head, rows), "rate_cps"
+        rows.append([t] + (cells(m) if m else ["n/a"] * (len(head) - 1)))
+    return rows
 
 
 def md_ablation(sc):
     if sc.get("probe") == "rate":
-        return md_ablation_rate(sc)
+        head = ["variant", "channels/s", "open p99 µs", "gateway CPU-s/10k channels",
+                "client CPU-s/10k channels"]
+
+        def cells(m):
+            c = m.get("rate_cpu_per_10k") or {}
+            return [fmt(m.get("rate_cps")), fmt(m.get("rate_p99_us")),
+                    fmt(c.get("gateway")), fmt(c.get("client"))]
+        return table(head, ablation_rows(sc, head, cells)), "rate_cps"
     head = ["variant", "HTTPS req/s", "HTTPS p99 ms", "raw GiB/s",
             "gateway CPU-s/10k req", "client CPU-s/10k req", "gateway CPU-s/GiB",
             "client CPU-s/GiB"]
-    rows = []
-    for t in sc.get("targets", []):
-        m = sc["median"].get(t)
-        if not m:
-            rows.append([t] + ["n/a"] * (len(head) - 1))
-            continue
+
+    def cells(m):
         h, r = m.get("https_cpu_per_10k_req") or {}, m.get("raw_cpu_per_gib") or {}
-        rows.append([t, fmt(m.get("https_rps")), fmt(m.get("https_p99_ms")),
-                     fmt(m.get("raw_gib_per_s")), fmt(h.get("gateway")), fmt(h.get("client")),
-                     fmt(r.get("gateway")), fmt(r.get("client"))])
-    return table(head, rows), "https_rps"
+        return [fmt(m.get("https_rps")), fmt(m.get("https_p99_ms")), fmt(m.get("raw_gib_per_s")),
+                fmt(h.get("gateway")), fmt(h.get("client")), fmt(r.get("gateway")),
+                fmt(r.get("client"))]
+    return table(head, ablation_rows(sc, head, cells)), "https_rps"
 
 
 RENDER = {"wrk": md_wrk, "stream": md_stream, "rate": md_rate, "idle": md_idle,

@@ -112,6 +112,10 @@ static const struct metric_def defs[] = {
         "Batches of frames written to tunnels (one sealed batch, one writev each); "
         "snitun_frames_sent_total divided by this is the frames per write.", TYPE_COUNTER,
         S | C, NULL, NULL, false },
+    [METRIC_SPLICED] = { "snitun_spliced_bytes_total",
+        "Payload bytes moved socket -> pipe -> socket by splice(2) instead of through user "
+        "memory (--splice), by direction; compare with the bytes relayed.", TYPE_COUNTER,
+        S | C, "direction", VALUES("from_tunnel", "to_tunnel"), false },
     [METRIC_LIMIT_REJECTS] = { "snitun_limit_rejects_total",
         "Connections or channels refused by a configured limit.", TYPE_COUNTER, S | C,
         "limit", VALUES("connections", "tunnels", "channels", "handshakes", "fds", "tunnel_queue",
@@ -398,6 +402,10 @@ void metrics_add_mux(struct metrics *m, unsigned shard, const struct mux_stats *
     metrics_inc_label(m, shard, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE,
                       now->dropped_late - then->dropped_late);
     metrics_inc(m, shard, METRIC_TUNNEL_WRITES, now->batches - then->batches);
+    metrics_inc_label(m, shard, METRIC_SPLICED, METRICS_SPLICED_FROM_TUNNEL,
+                      now->bytes_spliced_in - then->bytes_spliced_in);
+    metrics_inc_label(m, shard, METRIC_SPLICED, METRICS_SPLICED_TO_TUNNEL,
+                      now->bytes_spliced_out - then->bytes_spliced_out);
 }
 
 const char *metrics_channel_close_label(enum mux_reason why)

@@ -68,6 +68,7 @@ enum metric_id {
     METRIC_FRAMES_DROPPED,        /* {reason}: unknown_id, bad_new, late */
     METRIC_TUNNEL_WRITES,         /* sealed batches written (frames per write
                                      = frames sent / this) */
+    METRIC_SPLICED,               /* {direction}: enum metrics_spliced */
     METRIC_LIMIT_REJECTS,         /* {limit} */
     METRIC_ENGINE_INFO,           /* gauge {engine}: enum metrics_engine */
     METRIC_SHARDS,                /* gauge */
@@ -119,6 +120,11 @@ enum metrics_drop {              /* METRIC_FRAMES_DROPPED */
     METRICS_DROP_UNKNOWN_ID = 0,
     METRICS_DROP_BAD_NEW = 1,
     METRICS_DROP_LATE = 2,
+};
+
+enum metrics_spliced {          /* METRIC_SPLICED */
+    METRICS_SPLICED_FROM_TUNNEL = 0,
+    METRICS_SPLICED_TO_TUNNEL = 1,
 };
 
 enum metrics_reload {            /* METRIC_KEY_RELOADS */

@@ -242,6 +242,10 @@ struct mux_stats {
                                              incoming queue (the rest was
                                              spliced into its pipe) */
     uint64_t bytes_from_local;            /* DATA payload read locally */
+    uint64_t bytes_spliced_in;            /* of bytes received: spliced
+                                             tunnel -> channel pipe */
+    uint64_t bytes_spliced_out;           /* of bytes_from_local: spliced
+                                             local socket -> pipe */
     uint64_t chan_opened;
     uint64_t chan_closed[MUX_R_COUNT];
     uint64_t dropped_unknown_id;          /* frames for ids not open */

@@ -151,8 +151,10 @@ static void spl_in_cb(struct eng_op *op, int res)
     uint8_t id[FRAME_ID_LEN];
     uint32_t left;
 
-    if (res > 0)
+    if (res > 0) {
         c->ipipe.n += (uint32_t)res;
+        m->cfg.group->st.bytes_spliced_in += (uint64_t)res;
+    }
     spl_in_done(m, c);
     if (m->closing) {
         mux_chan_check(c);

@@ -143,6 +143,7 @@ void mtx_chan_rd_cb(struct eng_op *op, int res)
     }
     if (res > 0) {
         if (spl) {
+            m->cfg.group->st.bytes_spliced_out += (uint64_t)res;
             c->rd_big = (size_t)res >= ENG_PBUF_SMALL;
             c->out[c->out_n++] = (struct mux_out){ NULL, (uint32_t)res, false };
         } else {

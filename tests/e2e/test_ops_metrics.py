@@ -254,6 +254,11 @@ def gateway_metrics_run(gw, port, io):
     sent = sum(m.get(S("snitun_frames_sent_total", type=x), 0) -
                base.get(S("snitun_frames_sent_total", type=x), 0) for x in ("new", "data"))
     check(1 <= writes <= sent, "tunnel writes %d within 1..%d frames sent" % (writes, sent))
+    for dirn, cap in (("from_tunnel", len(down)), ("to_tunnel", len(HELLO) + len(up))):
+        key = S("snitun_spliced_bytes_total", direction=dirn)
+        check(key in m, "%s exported" % key)
+        spliced = m[key] - base.get(key, 0)
+        check(0 <= spliced <= cap, "%s: %d bytes spliced, at most %d relayed" % (dirn, spliced, cap))
     check(lag < LAG, "metrics caught up within %.1f s" % lag)
     base = m
     ping(t)   # skips the PAUSE/RESUME the slow device may have caused

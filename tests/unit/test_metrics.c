@@ -260,6 +260,12 @@ static const char client_text[] =
     "one writev each); snitun_frames_sent_total divided by this is the frames per write.\n"
     "# TYPE snitun_tunnel_writes_total counter\n"
     "snitun_tunnel_writes_total 0\n"
+    "# HELP snitun_spliced_bytes_total Payload bytes moved socket -> pipe -> socket by "
+    "splice(2) instead of through user memory (--splice), by direction; compare with the "
+    "bytes relayed.\n"
+    "# TYPE snitun_spliced_bytes_total counter\n"
+    "snitun_spliced_bytes_total{direction=\"from_tunnel\"} 9\n"
+    "snitun_spliced_bytes_total{direction=\"to_tunnel\"} 0\n"
     "# HELP snitun_limit_rejects_total Connections or channels refused by a configured limit.\n"
     "# TYPE snitun_limit_rejects_total counter\n"
     "snitun_limit_rejects_total{limit=\"connections\"} 0\n"
@@ -315,6 +321,8 @@ Test(metrics, render_client_exact, .init = setup_client, .fini = teardown)
     metrics_inc_reason(m, 1, METRIC_TUNNEL_CLOSES, "eof", 1);
     metrics_inc_label(m, 1, METRIC_FRAMES_DROPPED, METRICS_DROP_BAD_NEW, 3);
     metrics_inc_label(m, 0, METRIC_FRAMES_DROPPED, METRICS_DROP_LATE, 5);
+    metrics_inc_label(m, 0, METRIC_SPLICED, METRICS_SPLICED_FROM_TUNNEL, 4);
+    metrics_inc_label(m, 1, METRIC_SPLICED, METRICS_SPLICED_FROM_TUNNEL, 5);
     metrics_gauge_set(m, 0, METRIC_ENGINE_INFO, METRICS_ENGINE_EPOLL, 1);
     metrics_gauge_set(m, 0, METRIC_SHARDS, 0, 2);
     metrics_inc_reason(m, 1, METRIC_ADMIN_DROPS, "deadline", 7);
@@ -387,14 +395,14 @@ Test(metrics, render_server, .init = setup_server, .fini = teardown)
     cr_assert_null(strstr(out, "snitun_client"));
     cr_assert_null(strstr(out, "engine_info{"));   /* info rows at 0 are hidden */
     cr_assert_eq(strncmp(out, "# HELP snitun_tunnels_connected ", 32), 0);
-    /* 25 server + shared metrics, 2 comment lines each */
+    /* 26 server + shared metrics, 2 comment lines each */
     size_t help = 0, type = 0;
     for (const char *p = out; (p = strstr(p, "\n# HELP ")) != NULL; p++)
         help++;
     for (const char *p = out; (p = strstr(p, "\n# TYPE ")) != NULL; p++)
         type++;
-    cr_assert_eq(help + 1, 26);
-    cr_assert_eq(type, 26);
+    cr_assert_eq(help + 1, 27);
+    cr_assert_eq(type, 27);
     cr_assert_eq(out[len - 1], '\n');
     free(out);
 }

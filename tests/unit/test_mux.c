@@ -968,10 +968,20 @@ static void bulk(enum eng_kind kind, enum tc_kind ck, unsigned version, enum mux
     cr_assert(csum_eq(&sup->sum, &up->sum), "checksum mismatch");
     cr_assert_eq(st(&f.g)->bytes_from_local, total);
     cr_assert_eq(st(&f.c)->bytes_to_local, total);
-    if (spl == MUX_SPLICE_ON)
+    /* Every payload byte received went one way: spliced or queued. */
+    cr_assert_eq(st(&f.c)->bytes_spliced_in + st(&f.c)->bytes_queued_in, total);
+    cr_assert_eq(st(&f.g)->bytes_spliced_in + st(&f.g)->bytes_queued_in, total);
+    cr_assert_leq(st(&f.g)->bytes_spliced_out, st(&f.g)->bytes_from_local);
+    cr_assert_leq(st(&f.c)->bytes_spliced_out, st(&f.c)->bytes_from_local);
+    if (spl == MUX_SPLICE_ON) {
         cr_assert_gt(eng_stats(f.e)->splices, 0);
-    if (spl == MUX_SPLICE_OFF)
+        cr_assert_gt(st(&f.c)->bytes_spliced_in + st(&f.g)->bytes_spliced_out, 0);
+    }
+    if (spl == MUX_SPLICE_OFF) {
         cr_assert_eq(eng_stats(f.e)->splices, 0);
+        cr_assert_eq(st(&f.c)->bytes_spliced_in + st(&f.g)->bytes_spliced_in, 0);
+        cr_assert_eq(st(&f.c)->bytes_spliced_out + st(&f.g)->bytes_spliced_out, 0);
+    }
     cr_assert_eq(eng_stats(f.e)->pbuf_lent, 0);
     fprintf(stderr,
             "mux bulk engine=%s cipher=%s v%u splice=%s: device->endpoint %.0f MiB/s, "

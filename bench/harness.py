@@ -109,7 +109,8 @@ class Bench:
         self.out_dir = os.path.abspath(args.out)
         base = args.port_base
         self.ports = {"nginx": base + 1, "haproxy": base + 2, "gw_sni": base + 3,
-                      "gw_peer": base + 4, "sink": base + 5}
+                      "gw_peer": base + 4, "sink": base + 5, "gw_admin": base + 6,
+                      "cl_admin": base + 7}
         self.https_name = HTTPS_NAME
         self.work = tempfile.mkdtemp(prefix="snitun-bench-")
         self.hosts = None
@@ -340,6 +341,35 @@ class Bench:
             log(f"snitun restart failed: {e}")
             return False
 
+    # -- the splice path, proven by the pair's own counters ---------------------
+    SPLICE_METRICS = {"gateway": ("gw_admin", "snitun_bytes_total"),
+                      "client": ("cl_admin", "snitun_client_bytes_total")}
+
+    def splice_counters(self):
+        """Payload bytes relayed and spliced so far, per process (the
+        metrics fold once a second: wait for the last run's to land)."""
+        time.sleep(1.2)
+        out = {}
+        for proc, (key, relayed) in self.SPLICE_METRICS.items():
+            got = self.svc.scrape(key, (relayed, "snitun_spliced_bytes_total"))
+            if got is None:
+                return None
+            out[proc] = (got[relayed], got["snitun_spliced_bytes_total"])
+        return out
+
+    @staticmethod
+    def splice_share(before, after):
+        """Share of the payload bytes each process moved with splice(2)
+        instead of copying them, between two splice_counters()."""
+        if before is None or after is None:
+            return None
+        share = {}
+        for proc in before:
+            relayed = after[proc][0] - before[proc][0]
+            spliced = after[proc][1] - before[proc][1]
+            share[proc] = round(spliced / relayed, 3) if relayed > 0 else None
+        return share
+
     # -- scenario skeleton ------------------------------------------------------
     def comparison(self, key, title, kind, load, run_one, primary, lower_better=(),
                    unit_key=None):
@@ -357,7 +387,11 @@ class Bench:
                 if t == "snitun" and not self.ensure_snitun():
                     sc["rounds"][t].append(None)
                     continue
+                spl = t == "snitun" and unit_key == "cpu_per_gib"
+                before = self.splice_counters() if spl else None
                 m = run_one(t)
+                if m is not None and before is not None:
+                    m["spliced_share"] = self.splice_share(before, self.splice_counters())
                 if m is not None and unit_key:
                     per = m.get(unit_key) or {}
                     m["fwd_cpu"] = round(sum(per.get(n, 0.0) for n in
@@ -752,7 +786,7 @@ def main():
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--rounds", type=int, help="override the number of rounds")
     ap.add_argument("--port-base", type=int, default=18400,
-                    help="ports base+1..base+5 on 127.0.0.1 (default 18400)")
+                    help="ports base+1..base+7 on 127.0.0.1 (default 18400)")
     ap.add_argument("--no-snitun", action="store_true", help="baselines only")
     ap.add_argument("--no-hosts", action="store_true",
                     help="leave /etc/hosts alone and use the name localhost for HTTPS")

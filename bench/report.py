@@ -87,6 +87,17 @@ def ratio_line(sc):
     return ("Ratios (median/median): " + "; ".join(parts)) if parts else None
 
 
+def spliced_line(sc):
+    """How much of the payload the pair moved with splice(2) (their
+    snitun_spliced_bytes_total against the bytes they relayed)."""
+    share = ((sc.get("median") or {}).get("snitun") or {}).get("spliced_share")
+    if not isinstance(share, dict):
+        return None
+    parts = [f"{proc} {100 * v:.1f} %" for proc, v in share.items() if v is not None]
+    return ("Spliced instead of copied (snitun, share of the payload bytes each process "
+            "relayed, median): " + ", ".join(parts)) if parts else None
+
+
 def skipped_line(sc):
     sk = sc.get("skipped") or {}
     return ("Not measured: " + "; ".join(f"{k}: {v}" for k, v in sk.items())) if sk else None
@@ -361,7 +372,7 @@ def build(json_path, out_dir=None):
             lines += tbl + [""]
             if primary and sc.get("rounds"):
                 lines += [rounds_line(sc, primary), ""]
-        for extra in (ratio_line(sc), skipped_line(sc)):
+        for extra in (ratio_line(sc), spliced_line(sc), skipped_line(sc)):
             if extra:
                 lines += [extra, ""]
         png = plot_idle(sc, out_dir) if sc.get("kind") == "idle" else \

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -249,6 +250,7 @@ class Services:
         self.token_file = os.path.join(work, "token.json")
         self.gw_args = []
         self.client_args = []
+        self.admin_ok = {}
 
     # -- the fixed cast -----------------------------------------------------
     def _render(self, template, dest, fields):
@@ -333,11 +335,21 @@ class Services:
         with open(self.token_file, "w") as f:
             f.write(tok)
 
+    def admin_args(self, key, sub):
+        """--admin-listen for the pair when the harness reserved a port and
+        this build has the flag (its /metrics give the splice counters)."""
+        if key not in self.ports:
+            return []
+        if sub not in self.admin_ok:
+            self.admin_ok[sub] = "--admin-listen" in (self.snitun_help(sub) or "")
+        return ["--admin-listen", f"127.0.0.1:{self.ports[key]}"] if self.admin_ok[sub] else []
+
     def start_gateway(self, extra=(), name="gateway"):
         argv = [self.snitun, "server",
                 "--sni-listen", f"127.0.0.1:{self.ports['gw_sni']}",
                 "--peer-listen", f"127.0.0.1:{self.ports['gw_peer']}",
-                "--fernet-key", self.fernet_key] + list(extra)
+                "--fernet-key", self.fernet_key] + self.admin_args("gw_admin", "server") + \
+            list(extra)
         return self._start(name, argv, port=self.ports["gw_sni"])
 
     def start_client(self, extra=()):
@@ -345,8 +357,30 @@ class Services:
                 "--server", f"127.0.0.1:{self.ports['gw_peer']}",
                 "--endpoint", f"127.0.0.1:{self.ports['nginx']}",
                 "--route", f"{self.raw_name}=127.0.0.1:{self.ports['sink']}",
-                "--token-file", self.token_file] + list(extra)
+                "--token-file", self.token_file] + self.admin_args("cl_admin", "client") + \
+            list(extra)
         return self._start("client", argv)
+
+    def scrape(self, key, names):
+        """Sum of the /metrics samples whose name is in names, from the
+        admin listener on ports[key]; None when there is none."""
+        if key not in self.ports:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[key]}/metrics",
+                                        timeout=2) as r:
+                text = r.read().decode()
+        except (OSError, ValueError):
+            return None
+        out = dict.fromkeys(names, 0.0)
+        for line in text.splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            sample, val = line.rsplit(" ", 1)
+            name = sample.split("{", 1)[0]
+            if name in out:
+                out[name] += float(val)
+        return out
 
     def wait_tunnel(self, timeout=15.0):
         """Until a 1-byte stream through the gateway reaches the sink, i.e.

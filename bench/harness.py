@@ -372,11 +372,12 @@ class Bench:
 
     # -- scenario skeleton ------------------------------------------------------
     def comparison(self, key, title, kind, load, run_one, primary, lower_better=(),
-                   unit_key=None):
+                   unit_key=None, spliced=False):
         """Alternate the targets for the configured rounds; store rounds,
         medians and ratios of snitun against the others. unit_key names the
         per-unit CPU dict whose forwarder share (gateway + client, or
-        haproxy) becomes the metric fwd_cpu."""
+        haproxy) becomes the metric fwd_cpu; spliced: record the pair's
+        spliced_share around each snitun round (streams)."""
         targets = self.targets()
         sc = {"title": title, "kind": kind, "load": load, "targets": targets,
               "rounds": {t: [] for t in targets}, "median": {}, "ratios": {},
@@ -387,8 +388,7 @@ class Bench:
                 if t == "snitun" and not self.ensure_snitun():
                     sc["rounds"][t].append(None)
                     continue
-                spl = t == "snitun" and unit_key == "cpu_per_gib"
-                before = self.splice_counters() if spl else None
+                before = self.splice_counters() if spliced and t == "snitun" else None
                 m = run_one(t)
                 if m is not None and before is not None:
                     m["spliced_share"] = self.splice_share(before, self.splice_counters())
@@ -446,7 +446,7 @@ class Bench:
             "bulk", "HTTPS bulk, 10 MiB responses, 4 connections", "wrk",
             f"wrk -t2 -c4 -d{s}s https://NAME/10m.bin",
             lambda t: self.wrk(self.https_url(t, "10m.bin"), s, 4),
-            "mib_per_s", ("lat_p50_ms", "lat_p99_ms"), unit_key="cpu_per_gib")
+            "mib_per_s", ("lat_p50_ms", "lat_p99_ms"), unit_key="cpu_per_gib", spliced=True)
 
     def stream(self, target, direction, nbytes):
         m = self.loadgen(["stream", "--connect", self.raw_addr(target), "--sni", RAW_NAME,
@@ -466,7 +466,7 @@ class Bench:
                 f"loadgen stream --bytes {n} --conns 1 --dir {direction} "
                 "(real ClientHello, then the byte stream)",
                 lambda t, d=direction: self.stream(t, d, n),
-                "gib_per_s", unit_key="cpu_per_gib")
+                "gib_per_s", unit_key="cpu_per_gib", spliced=True)
 
     def sc_rate(self):
         """16 workers: each waits for its echo, so the rate is bound by the
